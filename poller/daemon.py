@@ -1,0 +1,496 @@
+"""The composition root: builds the store, the API client, the sinks and their delivery workers, and runs
+the poll loop until told to stop.
+
+Where a transition becomes an event: `Tracker.observe` (pure) → `Store.save` (one transaction with the
+outbox rows). Where an event leaves the process: `DeliveryWorker` → `Sink.send`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from poller.api import BatchApi, Page
+from poller.config import Config, SinkConfig, load_config
+from poller.delivery import DeliveryWorker, route
+from poller.errors import ApiError, BadResponseError, ConfigError
+from poller.events import encode
+from poller.metrics import Metrics
+from poller.models import Batch
+from poller.records import ACTIVE, NewEvent, TrackedBatch
+from poller.schedule import Intervals, Pacer
+from poller.sinks.base import Sink
+from poller.sinks.file import FileSink
+from poller.sinks.stdout import StdoutSink
+from poller.store import Store
+from poller.tracker import Backoff, Observation, Tracker, Update
+from poller.transitions import Policy, is_final, pruned_event
+
+log = structlog.get_logger("poller.daemon")
+
+#: On the first discovery walk, how far back to look for batches that are still running.
+DISCOVER_MAX_AGE = 3 * 86400
+#: Later walks stop this far behind the newest batch the previous walk saw (same-second creations, skew).
+DISCOVER_OVERLAP = 600
+PRUNE_EVERY = 600.0
+
+
+def build_sink(name: str, config: SinkConfig, environ: dict[str, str]) -> Sink:
+    """The sink object for one `[[sinks]]` entry."""
+    if config.kind == "stdout":
+        return StdoutSink(name, text=config.format == "text", max_in_flight=config.max_in_flight)
+    if config.kind == "file":
+        return FileSink(name, config.path, max_in_flight=config.max_in_flight)
+    if config.kind == "mqtt":
+        from poller.sinks.mqtt import MqttSink  # noqa: PLC0415 - aiomqtt loads only when configured
+
+        return MqttSink(name, config, environ=environ)
+    from poller.sinks.webhook import WebhookSink  # noqa: PLC0415
+
+    return WebhookSink(name, config, environ=environ)
+
+
+def tracker_settings(config: Config) -> tuple[Intervals, Policy, Backoff]:
+    poll = config.poll
+    intervals = Intervals(
+        poll.base_intervals(), growth=poll.growth, max_interval=poll.max_interval, default=poll.in_progress
+    )
+    policy = Policy(
+        progress=poll.progress,
+        progress_interval=poll.progress_interval,
+        stall_after=poll.stall_after,
+        expiry_warning=poll.expiry_warning,
+    )
+    return intervals, policy, Backoff(poll.error_backoff, poll.max_error_backoff, poll.gone_after)
+
+
+@dataclass(slots=True)
+class Health:
+    """What /readyz, STATUS= and `status` report."""
+
+    store_open: bool = False
+    last_success: float | None = None
+    api_failing_since: float | None = None
+    auth_failing: bool = False
+    auth_paused_until: float = 0.0
+    auth_failures: int = 0
+    loop_tick: float = 0.0
+
+
+class Daemon:
+    """One running batch-poller. `run` returns the process exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        environ: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.environ = dict(os.environ) if environ is None else environ
+        self.clock = clock
+        self.rand = rand
+        self.metrics = metrics or Metrics()
+        self.source = config.source.source_name
+        intervals, policy, backoff = tracker_settings(config)
+        self.tracker = Tracker(
+            self.source, intervals=intervals, policy=policy, backoff=backoff, router=self._route, rand=rand
+        )
+        self.health = Health()
+        self.workers: dict[str, DeliveryWorker] = {}
+        self._sink_configs = config.named_sinks()
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._store: Store | None = None
+        self._api: BatchApi | None = None
+        self._data_version = -1
+        self._next_discover = 0.0
+        self._discover_horizon: int | None = None
+        self._next_prune = 0.0
+        self.ready = asyncio.Event()
+
+    # -- public surface ----------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "the daemon is not running"
+        return self._store
+
+    def stop(self) -> None:
+        """Ask the daemon to shut down (what SIGTERM and SIGINT do)."""
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Re-read the tracked set now (after a track or untrack from elsewhere)."""
+        self._data_version = -1
+        self._wake.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            async with AsyncExitStack() as stack:
+                self._store = stack.enter_context(Store(self.config.state.db_path(self.environ)))
+                self.health.store_open = True
+                self._track_configured()
+                pacer = Pacer(self.config.poll.max_requests_per_second)
+                self._api = await stack.enter_async_context(
+                    BatchApi(
+                        self.config.source,
+                        self.config.source.api_key(self.environ),
+                        metrics=self.metrics,
+                        pacer=pacer,
+                        max_concurrency=self.config.poll.max_concurrency,
+                    )
+                )
+                for name, sink_config in self._sink_configs.items():
+                    sink = await stack.enter_async_context(build_sink(name, sink_config, self.environ))
+                    self.workers[name] = DeliveryWorker(
+                        self.store, sink, self.metrics, clock=self.clock, rand=self.rand
+                    )
+                await self._serve()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    async def _serve(self) -> None:
+        tasks = [
+            asyncio.create_task(worker.run(), name=f"poller.delivery[{name}]") for name, worker in self.workers.items()
+        ]
+        poll = asyncio.create_task(self._poll_loop(), name="poller.poll_loop")
+        self.ready.set()
+        log.info(
+            "batch-poller started",
+            source=self.source,
+            tracking=len(self.tracker.active()),
+            sinks=list(self.workers),
+            state=str(self.store.path),
+        )
+        stop = asyncio.create_task(self._stop.wait(), name="poller.stop_wait")
+        done, _ = await asyncio.wait([poll, stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stop and not task.cancelled() and task.exception() is not None:
+                log.error("a daemon task crashed; shutting down", task=task.get_name(), exc_info=task.exception())
+        self._stop.set()
+        await self._shutdown(poll, stop, tasks)
+
+    async def _shutdown(
+        self, poll: asyncio.Task[None], stop: asyncio.Task[bool], tasks: list[asyncio.Task[None]]
+    ) -> None:
+        """Stop polling, let in-flight deliveries finish up to the deadline, persist, cancel the rest."""
+        log.info("shutting down", deadline=self.config.service.shutdown_timeout)
+        for task in (poll, stop):
+            task.cancel()
+        await asyncio.gather(poll, stop, return_exceptions=True)
+        await asyncio.gather(
+            *(w.stop(self.config.service.shutdown_timeout) for w in self.workers.values()), return_exceptions=True
+        )
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.store.save_schedule(self.tracker.active())
+        log.info("stopped", delivered={n: w.delivered for n, w in self.workers.items()})
+
+    # -- the poll loop -----------------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self.health.loop_tick = time.monotonic()
+            self._reload_tracked()
+            now = self.clock()
+            if self.config.source.discover and now >= self._next_discover and now >= self.health.auth_paused_until:
+                await self._discover()
+            due = self.tracker.due(self.clock())
+            if due:
+                self.metrics.poll_lag.set(max(self.clock() - due[0].next_due, 0.0))
+                await self._refresh(due)
+            self._prune()
+            await self._idle()
+
+    async def _idle(self) -> None:
+        wake_at = self.tracker.next_due()
+        if self.config.source.discover:
+            wake_at = min(wake_at, self._next_discover)
+        timeout = min(max(wake_at - self.clock(), 0.0), 1.0)
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _track_configured(self) -> None:
+        ids = list(self.config.source.track)
+        if ids:
+            added = self.store.track(self.source, ids, "config", self.clock())
+            if added:
+                log.info("tracking configured batches", count=len(added))
+
+    def _reload_tracked(self) -> None:
+        version = self.store.data_version()
+        if version != self._data_version:
+            self._data_version = version
+            self.tracker.load(self.store.batches(self.source, states=[ACTIVE]))
+            counts: dict[str, int] = {}
+            for batch in self.tracker.active():
+                status = batch.knowledge.status or "unknown"
+                counts[status] = counts.get(status, 0) + 1
+            self.metrics.tracked.clear()
+            for status, n in counts.items():
+                self.metrics.tracked.labels(status).set(n)
+
+    async def _refresh(self, due: list[TrackedBatch]) -> None:
+        """Refresh every due batch, through list pages when that costs fewer requests."""
+        remaining = {b.id for b in due}
+        if self.tracker.prefer_list(due):
+            oldest = min(b.created_at for b in due if b.created_at is not None)
+            remaining = await self._walk(targets=remaining, stop_before=oldest, max_pages=len(due) - 1)
+        if remaining:
+            await asyncio.gather(*(self._retrieve(batch_id) for batch_id in remaining))
+
+    async def _retrieve(self, batch_id: str) -> None:
+        api = self._api
+        assert api is not None
+        try:
+            batch = await api.retrieve(batch_id)
+        except ApiError as exc:
+            self._api_failed(exc, [batch_id])
+            return
+        self._api_ok()
+        if batch.id != batch_id:
+            self.metrics.bad_responses.labels("wrong_id").inc()
+            log.warning("retrieve answered with another batch; ignored", batch_id=batch_id, answered=batch.id)
+            self._api_failed(BadResponseError("retrieve answered with another batch"), [batch_id])
+            return
+        self._apply([batch])
+
+    async def _walk(self, *, targets: set[str], stop_before: int | None, max_pages: int) -> set[str]:
+        """Walk list pages newest first, applying every tracked batch seen; returns the targets not seen.
+
+        Stops when every target was seen, the pages passed `stop_before` (a created_at), the pages ran
+        out, or `max_pages` were read.
+        """
+        api = self._api
+        assert api is not None
+        after: str | None = None
+        marks: list[int] = []
+        items = tracked_seen = 0
+        for _ in range(max(max_pages, 1)):
+            try:
+                page = await api.list_page(after)
+            except ApiError as exc:
+                self._api_failed(exc, sorted(targets))
+                return set()
+            self._api_ok()
+            items += len(page.batches) + page.rejected
+            tracked_seen += sum(1 for b in page.batches if b.id in self.tracker.batches)
+            targets -= {b.id for b in page.batches}
+            self._apply(page.batches, discovering=stop_before is None)
+            if page.batches:
+                marks.append(page.batches[-1].created_at)
+            if not page.has_more or not page.last_id or _passed(page, stop_before) or (stop_before and not targets):
+                break
+            after = page.last_id
+        self.tracker.learn_walk(marks, items, tracked_seen)
+        return targets
+
+    async def _discover(self) -> None:
+        now = self.clock()
+        horizon = self._discover_horizon if self._discover_horizon is not None else int(now) - DISCOVER_MAX_AGE
+        self._next_discover = now + self.config.poll.discover_interval
+        newest = await self._discover_walk(horizon)
+        if newest is not None:
+            self._discover_horizon = newest - DISCOVER_OVERLAP
+
+    async def _discover_walk(self, horizon: int) -> int | None:
+        api = self._api
+        assert api is not None
+        after: str | None = None
+        newest: int | None = None
+        while True:
+            try:
+                page = await api.list_page(after)
+            except ApiError as exc:
+                self._api_failed(exc, [])
+                return None
+            self._api_ok()
+            if page.batches:
+                newest = max(newest or 0, page.batches[0].created_at)
+            self._adopt(b for b in page.batches if b.created_at >= horizon)
+            self._apply(page.batches)
+            if not page.has_more or not page.last_id or _passed(page, horizon):
+                return newest
+            after = page.last_id
+
+    def _adopt(self, batches: Iterable[Batch]) -> None:
+        """Start tracking discovered batches that are still running and match the discovery filters."""
+        src = self.config.source
+        fresh = [
+            b
+            for b in batches
+            if b.id not in self.tracker.batches
+            and not is_final(b.status)
+            and all((b.metadata or {}).get(k) == v for k, v in src.discover_metadata.items())
+            and (not src.discover_endpoints or b.endpoint in src.discover_endpoints)
+        ]
+        if not fresh:
+            return
+        now = self.clock()
+        added = self.store.track(self.source, [b.id for b in fresh], "discover", now)
+        for batch_id in added:
+            self.tracker.batches[batch_id] = TrackedBatch(self.source, batch_id, "discover", now)
+        if added:
+            log.info("discovered batches", count=len(added))
+
+    def _apply(self, batches: Iterable[Batch], *, discovering: bool = False) -> None:
+        """Detect transitions in fetched batches and write them with their outbox rows in one transaction."""
+        del discovering
+        now = self.clock()
+        updates: list[Update] = []
+        for batch in batches:
+            observation = self.tracker.observe(batch, now)
+            if observation is None:
+                continue
+            self._report(batch, observation)
+            if observation.update is not None:
+                updates.append(observation.update)
+        self._save(updates)
+
+    def _save(self, updates: list[Update]) -> None:
+        if not updates:
+            return
+        if self.store.save(updates, self.clock()):
+            for worker in self.workers.values():
+                worker.wake()
+
+    def _report(self, batch: Batch, observation: Observation) -> None:
+        self.metrics.polls.labels("ok" if observation.warning is None else "ignored").inc()
+        if observation.warning is not None:
+            reason = "unknown_status" if "unknown status" in observation.warning else "backwards_status"
+            self.metrics.bad_responses.labels(reason).inc()
+            log.warning(observation.warning, batch_id=batch.id, status=batch.status)
+        for event in observation.events:
+            self.metrics.transitions.labels(event.type).inc()
+            log.info(
+                event.type,
+                batch_id=batch.id,
+                status=event.data.status,
+                previous_status=event.data.previous_status,
+                event_id=event.id,
+                sequence=event.data.sequence,
+            )
+
+    # -- health transitions ------------------------------------------------------------------------
+
+    def _api_ok(self) -> None:
+        now = self.clock()
+        self.health.last_success = now
+        if self.health.auth_failing:
+            self.health.auth_failing = False
+            self.health.auth_failures = 0
+            log.info("the Batch API accepts the credentials again; polling resumed")
+        if self.health.api_failing_since is not None:
+            log.info("Batch API recovered", outage_seconds=round(now - self.health.api_failing_since, 1))
+            self.health.api_failing_since = None
+
+    def _api_failed(self, exc: ApiError, batch_ids: list[str]) -> None:
+        now = self.clock()
+        self.metrics.polls.labels(exc.kind).inc()
+        if exc.kind == "auth":
+            self._auth_failed(exc, now)
+            for batch_id in batch_ids:
+                self.tracker.defer(batch_id, self.health.auth_paused_until)
+            return
+        updates = [u for b in batch_ids if (u := self.tracker.failed(b, exc, now)) is not None]
+        for tracked, _ in updates:
+            log.warning("batch not found repeatedly; marked gone", batch_id=tracked.id, attempts=tracked.not_found)
+        self._save(updates)
+        if exc.kind == "not_found":
+            return
+        if exc.kind in {"transport", "server"} and self.health.api_failing_since is None:
+            self.health.api_failing_since = now
+            log.warning(
+                "Batch API unreachable; backing off", error=str(exc), status=exc.status, request_id=exc.request_id
+            )
+        else:
+            log.info(
+                "Batch API request failed",
+                error=str(exc),
+                status=exc.status,
+                request_id=exc.request_id,
+                batch_id=batch_ids[0] if len(batch_ids) == 1 else None,
+            )
+
+    def _auth_failed(self, exc: ApiError, now: float) -> None:
+        health = self.health
+        health.auth_failures += 1
+        pause = min(self.config.poll.auth_backoff * 2 ** (health.auth_failures - 1), 3600.0)
+        health.auth_paused_until = max(health.auth_paused_until, now + pause)
+        if not health.auth_failing:
+            health.auth_failing = True
+            log.error(
+                "THE BATCH API REJECTS THE CREDENTIALS: polling is paused; check source.api_key_env / api_key_file",
+                status=exc.status,
+                request_id=exc.request_id,
+                retry_in=round(pause),
+            )
+
+    # -- retention ---------------------------------------------------------------------------------
+
+    def _prune(self) -> None:
+        now = self.clock()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY
+        for tracked in self.store.prune(now - self.config.poll.retention):
+            self.tracker.batches.pop(tracked.id, None)
+            if tracked.snapshot is None:
+                continue
+            try:
+                batch = Batch.model_validate(tracked.snapshot)
+            except ValueError:
+                continue
+            _, event = pruned_event(self.source, tracked.knowledge, batch, now)
+            sinks = self._route(event.type, batch.metadata)
+            if sinks:
+                self.store.record_internal(
+                    self.source,
+                    tracked.id,
+                    NewEvent(event.id, event.type, event.data.sequence, event.created_at, now, encode(event), sinks),
+                    now,
+                )
+                for worker in self.workers.values():
+                    worker.wake()
+
+    def _route(self, event_type: str, metadata: dict[str, str] | None) -> list[str]:
+        return route(event_type, metadata, self._sink_configs)
+
+
+def _passed(page: Page, created_at: int | None) -> bool:
+    return created_at is not None and bool(page.batches) and page.batches[-1].created_at < created_at
+
+
+def load_or_exit(path: Path | None) -> Config:
+    """Load the config for `run`; raises ConfigError (the CLI turns it into exit 78)."""
+    config = load_config(path)
+    config.check_secrets()
+    return config
+
+
+__all__ = ["ConfigError", "Daemon", "build_sink", "load_or_exit", "math"]

@@ -1,0 +1,205 @@
+"""Draining the outbox: one worker per sink sends due rows and records the outcome.
+
+Promises: per batch, rows go out in `sequence` order and the next waits until the previous one was
+delivered or dead-lettered; different batches proceed concurrently up to the sink's `max_in_flight`.
+A row is marked delivered only after the sink acknowledged it. Retries follow the sink's schedule
+(±20 % jitter) or, without one, capped exponential backoff forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import structlog
+
+from poller.errors import DeliveryError
+from poller.events import INTERNAL_TYPES, decode
+from poller.metrics import Metrics
+from poller.schedule import Rand, full_jitter
+from poller.sinks.base import Sink
+from poller.store import OutboxRow, Store
+
+log = structlog.get_logger("poller.delivery")
+
+#: Without a schedule: first retry after about a second, never more than a minute apart.
+FOREVER_BASE = 1.0
+FOREVER_CAP = 60.0
+
+
+def retry_delay(sink: Sink, attempts: int, error: DeliveryError, rand: Rand) -> float | None:
+    """Seconds until the next attempt after `attempts` failed ones, or None to dead-letter.
+
+    A receiver's Retry-After is a floor.
+    """
+    schedule = sink.retry_schedule
+    if schedule is None:
+        delay = max(full_jitter(attempts, FOREVER_BASE, FOREVER_CAP, rand), 0.1)
+    elif attempts > len(schedule):
+        return None
+    else:
+        delay = schedule[attempts - 1] * (0.8 + 0.4 * rand())
+    if error.retry_after is not None:
+        delay = max(delay, error.retry_after)
+    return delay
+
+
+def wants_internal(kind: str) -> bool:
+    """Only MQTT keeps per-batch retained state that internal events (the prune notice) must clear."""
+    return kind == "mqtt"
+
+
+def route(event_type: str, metadata: Mapping[str, str] | None, sinks: Mapping[str, SinkFilter]) -> list[str]:
+    """The names of the sinks that take an event."""
+    names = []
+    for name, f in sinks.items():
+        if event_type in INTERNAL_TYPES:
+            if wants_internal(f.kind):
+                names.append(name)
+        elif f.wants(event_type, dict(metadata or {})):
+            names.append(name)
+    return names
+
+
+class SinkFilter(Protocol):
+    """What routing needs of a sink's config (a structural subset of the `*SinkConfig` models)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    def wants(self, event_type: str, batch_metadata: dict[str, str] | None) -> bool: ...
+
+
+class DeliveryWorker:
+    """Drains one sink's outbox rows. `run` loops until `stop`; `wake` says new rows arrived."""
+
+    def __init__(
+        self,
+        store: Store,
+        sink: Sink,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Rand = random.random,
+    ) -> None:
+        self.store = store
+        self.sink = sink
+        self.metrics = metrics
+        self.clock = clock
+        self.rand = rand
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.disabled = False
+        self._failing = False
+        self.delivered = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def run(self) -> None:
+        name = self.sink.name
+        while not self._stopping and not self.disabled:
+            self._wake.clear()
+            free = self.sink.max_in_flight - len(self._in_flight)
+            if free > 0:
+                for row in self.store.due_heads(name, self.clock(), set(self._in_flight), free):
+                    key = (row.source, row.batch_id)
+                    task = asyncio.create_task(self._deliver(row), name=f"poller.delivery[{name}].{row.batch_id}")
+                    self._in_flight[key] = task
+                    task.add_done_callback(functools.partial(self._done, key))
+            await self._sleep()
+
+    def _done(self, key: tuple[str, str], _task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(key, None)
+        self._wake.set()
+
+    async def _sleep(self) -> None:
+        due = self.store.next_attempt_at(self.sink.name)
+        timeout = 5.0 if due is None else min(max(due - self.clock(), 0.0), 5.0)
+        if due is not None and timeout == 0.0 and len(self._in_flight) >= self.sink.max_in_flight:
+            timeout = 5.0  # full: a finishing send wakes us
+        elif due is not None and timeout == 0.0:
+            timeout = 0.05  # due rows whose batch is in flight: look again shortly
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _deliver(self, row: OutboxRow) -> None:
+        name = self.sink.name
+        event = decode(row.payload)
+        try:
+            await self.sink.send(event, row.payload)
+        except DeliveryError as exc:
+            self._record_failure(row, exc)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in a sink must not kill delivery: count it as retryable
+            log.exception("sink raised unexpectedly", sink=name, batch_id=row.batch_id, event_id=row.event_id)
+            self._record_failure(row, DeliveryError(name, repr(exc), retryable=True))
+            return
+        now = self.clock()
+        self.store.mark_delivered(name, [row.event_id], now)
+        self.delivered += 1
+        self.metrics.deliveries.labels(name, "delivered").inc()
+        self.metrics.delivery_latency.labels(name).observe(max(now - event.data.detected_at, 0.0))
+        if self._failing:
+            self._failing = False
+            self.metrics.sink_up.labels(name).set(1)
+            log.info("sink recovered", sink=name)
+
+    def _record_failure(self, row: OutboxRow, exc: DeliveryError) -> None:
+        name, now = self.sink.name, self.clock()
+        attempts = row.attempts + 1
+        if exc.disable:
+            self.store.mark_retry(name, row.event_id, now + 3600.0, str(exc), now)
+            self.disabled = True
+            self._stopping = True
+            self.metrics.deliveries.labels(name, "disabled").inc()
+            self.metrics.sink_up.labels(name).set(0)
+            log.error("sink disabled by the receiver; its rows stay queued", sink=name, status=exc.status)
+            self._wake.set()
+            return
+        delay = retry_delay(self.sink, attempts, exc, self.rand) if exc.retryable else None
+        if delay is None:
+            self.store.mark_dead(name, row.event_id, str(exc), now)
+            self.metrics.deliveries.labels(name, "dead").inc()
+            log.warning(
+                "delivery dead-lettered",
+                sink=name,
+                batch_id=row.batch_id,
+                event_id=row.event_id,
+                status=exc.status,
+                attempts=attempts,
+                error=str(exc),
+            )
+            return
+        self.store.mark_retry(name, row.event_id, now + delay, str(exc), now)
+        self.metrics.deliveries.labels(name, "retry").inc()
+        if not self._failing:
+            self._failing = True
+            self.metrics.sink_up.labels(name).set(0)
+            log.warning("sink failing; retrying", sink=name, error=str(exc), status=exc.status)
+        else:
+            log.debug("delivery retry", sink=name, batch_id=row.batch_id, delay=round(delay, 2), error=str(exc))
+
+    async def stop(self, deadline: float) -> None:
+        """Stop taking rows; let in-flight sends finish for up to `deadline` seconds, then cancel them."""
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._in_flight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=deadline)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,115 @@
+"""Pure scheduling: poll intervals, error backoff with full jitter, Retry-After, and the global pacer.
+
+Nothing here reads a clock or a random source of its own: callers pass `now` and `rand`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+Rand = Callable[[], float]
+"""A source of uniform floats in [0, 1); `random.random` in production, a seeded one in tests."""
+
+
+@dataclass(frozen=True, slots=True)
+class Intervals:
+    """Base poll interval per status, growth while nothing changes, and the cap."""
+
+    base: Mapping[str, float]
+    growth: float = 1.5
+    max_interval: float = 300.0
+    default: float = 30.0
+
+    def next(self, status: str, previous: float | None, *, changed: bool) -> float:
+        """The next poll interval: the status's base after a change, else the previous one grown, capped."""
+        base = min(self.base.get(status, self.default), self.max_interval)
+        if changed or previous is None:
+            return base
+        return min(max(previous * self.growth, base), self.max_interval)
+
+
+def full_jitter(streak: int, base: float, cap: float, rand: Rand) -> float:
+    """AWS-style full jitter: uniform in [0, min(cap, base * 2**(streak-1))] for the streak-th error."""
+    ceiling = min(cap, base * 2.0 ** max(streak - 1, 0))
+    return rand() * ceiling
+
+
+def error_delay(streak: int, base: float, cap: float, rand: Rand, retry_after: float | None) -> float:
+    """Delay after an error; a server's Retry-After is a floor that is never undercut."""
+    delay = full_jitter(streak, base, cap, rand)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds to wait from `retry-after-ms` (preferred, as OpenAI sends it) or `Retry-After`.
+
+    `Retry-After` may be delta-seconds or an HTTP date; `now` is the wall-clock epoch for the latter.
+    Returns None when neither header is present or parseable.
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    raw_ms = lowered.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            value = float(raw_ms) / 1000.0
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value
+    raw = lowered.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        return max(when.timestamp() - now, 0.0)
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+class Pacer:
+    """Global request pacing: a token bucket whose rate halves on 429 and recovers while calls succeed.
+
+    Pure: every method takes `now` (a monotonic clock reading). `reserve` returns how long to wait
+    before sending; the caller sleeps that long. A 429's Retry-After pauses every request until it ends.
+    """
+
+    def __init__(self, rate: float, *, min_rate: float = 0.2, recovery: float = 30.0) -> None:
+        self.max_rate = rate
+        self.rate = rate
+        self.min_rate = min(min_rate, rate)
+        self.recovery = recovery
+        self._next_free = -math.inf
+        self._paused_until = -math.inf
+        self._last_penalty = -math.inf
+
+    def reserve(self, now: float) -> float:
+        """Book the next request slot; returns the wait before it may be sent."""
+        start = max(now, self._next_free, self._paused_until)
+        self._next_free = start + 1.0 / self.rate
+        return start - now
+
+    def penalize(self, now: float, retry_after: float | None) -> None:
+        """A 429: halve the rate and pause everything until the server's Retry-After has passed."""
+        self.rate = max(self.min_rate, self.rate / 2.0)
+        self._last_penalty = now
+        if retry_after is not None:
+            self._paused_until = max(self._paused_until, now + retry_after)
+
+    def reward(self, now: float) -> None:
+        """A success: after `recovery` seconds without a 429, step the rate back up towards the maximum."""
+        if self.rate < self.max_rate and now - self._last_penalty >= self.recovery:
+            self.rate = min(self.max_rate, self.rate * 1.5)
+            self._last_penalty = now
+
+    @property
+    def paused_until(self) -> float:
+        return self._paused_until

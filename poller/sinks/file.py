@@ -1,0 +1,65 @@
+"""The file sink: appends JSON lines and fsyncs before acknowledging, so an acknowledged event is on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from poller.errors import DeliveryError
+from poller.models import Event
+
+
+class FileSink:
+    retry_schedule: Sequence[float] | None = None
+
+    def __init__(self, name: str, path: Path, max_in_flight: int = 64) -> None:
+        self.name = name
+        self.path = path
+        self.max_in_flight = max_in_flight
+        self._fd: int | None = None
+        self._lock = asyncio.Lock()
+        self._healthy = True
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        return self._fd
+
+    def _append(self, line: bytes) -> None:
+        fd = self._open()
+        view = memoryview(line)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+
+    async def send(self, event: Event, payload: bytes) -> None:
+        del event
+        async with self._lock:  # one line at a time keeps lines whole and in acknowledgement order
+            try:
+                await asyncio.to_thread(self._append, payload + b"\n")
+            except OSError as exc:
+                self._healthy = False
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+                raise DeliveryError(self.name, f"cannot append to {self.path}: {exc.strerror}", retryable=True) from exc
+        self._healthy = True
+
+    def health(self) -> str:
+        return "ok" if self._healthy else "failing"

@@ -1,0 +1,413 @@
+"""The MQTT sink: each event on its own topic, the batch's latest state retained, availability via a Last Will.
+
+Topics (``prefix`` is ``topic_prefix``, ``source`` the event's source, ``id`` the batch id):
+
+- ``{prefix}/{source}/{id}/event/{type}``: the event, QoS from config, not retained;
+- ``{prefix}/{source}/{id}/state``: the batch's latest state, retained (cleared by ``batch.pruned``);
+- ``{prefix}/availability``: ``online``/``offline``, retained, ``offline`` also as the Last Will.
+
+`send` returns once the broker acknowledged both messages (PUBACK for QoS 1, PUBCOMP for QoS 2); with
+QoS 0 it returns once they were written. A connection lost before that raises a retryable DeliveryError,
+so a redelivery may duplicate a message: consumers deduplicate by ``event_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import urlsplit
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from poller.config import MqttSinkConfig, read_secret
+from poller.errors import ConfigError, DeliveryError
+from poller.events import CLOUDEVENTS_CONTENT_TYPE, encode_cloudevent
+from poller.models import Event
+from poller.schedule import Rand, full_jitter
+
+log = structlog.get_logger("poller.sinks.mqtt")
+
+#: Reconnect backoff: full jitter from half a second, doubling, never more than 30 s apart.
+BACKOFF_BASE: Final = 0.5
+BACKOFF_CAP: Final = 30.0
+#: How long `__aexit__` waits for the broker to acknowledge the retained ``offline``.
+GOODBYE_TIMEOUT: Final = 5.0
+ONLINE: Final = b"online"
+OFFLINE: Final = b"offline"
+PRUNED: Final = "batch.pruned"
+JSON_CONTENT_TYPE: Final = "application/json"
+#: CONNACK codes that mean the credentials were refused (3.1.1: 4, 5; MQTT 5: 0x86, 0x87).
+_AUTH_CODES: Final = frozenset({4, 5, 134, 135})
+_MAX_TOPIC_BYTES: Final = 65535
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    properties: Properties | None
+
+
+@dataclass(slots=True)
+class _Session:
+    """One live connection; `ended` resolves when it is gone, so sends waiting for acks stop waiting."""
+
+    client: aiomqtt.Client
+    ended: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class MqttSink:
+    """Publishes events to an MQTT broker (3.1.1 or 5), reconnecting forever in one background task."""
+
+    retry_schedule: Sequence[float] | None = None
+
+    def __init__(
+        self,
+        name: str,
+        config: MqttSinkConfig,
+        *,
+        environ: dict[str, str] | None = None,
+        rand: Rand = random.random,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.max_in_flight = config.max_in_flight
+        self._rand = rand
+        self._key = f"sinks.{name}"
+        url = urlsplit(config.url)
+        if url.username is not None or url.password is not None:
+            raise ConfigError(
+                f"{self._key}.url",
+                "credentials in the URL are not accepted",
+                "put the user in `username` and the password in `password_env` or `password_file`",
+            )
+        try:
+            port = url.port
+        except ValueError:
+            raise ConfigError(
+                f"{self._key}.url", "the port is not a number from 0 to 65535", "mqtt://host:1883", config.url
+            ) from None
+        if not url.hostname:
+            raise ConfigError(f"{self._key}.url", "no host", "mqtt://host:1883 or mqtts://host:8883", config.url)
+        self.host: str = url.hostname
+        self.tls = url.scheme == "mqtts"
+        self.port: int = port if port is not None else (8883 if self.tls else 1883)
+        self._tls_context = self._make_tls_context() if self.tls else None
+        if not self.tls and (config.ca_file or config.cert_file or config.tls_insecure):
+            raise ConfigError(
+                f"{self._key}.url",
+                "TLS options are set but the URL is plain mqtt://",
+                "use an mqtts:// URL, or remove ca_file, cert_file, key_file and tls_insecure",
+                config.url,
+            )
+        self._password: str | None = None
+        if config.password_env or config.password_file:
+            self._password = read_secret(f"{self._key}.password", config.password_env, config.password_file, environ)
+        self.client_id = config.client_id or f"batch-poller-{name}-{socket.gethostname()}"
+        self.availability_topic = f"{config.topic_prefix}/availability"
+        self._v5 = config.protocol == "5"
+
+        self._task: asyncio.Task[None] | None = None
+        self._session: _Session | None = None
+        # Resolves to the next live session, or to None once the sink is closed.
+        self._ready: asyncio.Future[_Session | None] | None = None
+        self._up = asyncio.Event()
+        self._closed = False
+        self._ever_connected = False
+        self._outage_since: float | None = None
+        self._outage_reason: str | None = None
+        self._attempts = 0
+
+    def _make_tls_context(self) -> ssl.SSLContext:
+        """Verification is always on; `tls_insecure` only skips the host name check, and only when set."""
+        cfg = self.config
+        try:
+            context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+            if cfg.cert_file is not None and cfg.key_file is not None:
+                context.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"{self._key}.ca_file",
+                f"cannot load the TLS files: {exc}",
+                "point ca_file, cert_file and key_file at readable PEM files",
+            ) from None
+        if cfg.tls_insecure:
+            context.check_hostname = False
+        return context
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None
+
+    async def wait_connected(self) -> None:
+        """Return once the sink is connected (immediately if it is)."""
+        await self._up.wait()
+
+    def health(self) -> str:
+        if self._session is not None:
+            return "ok"
+        return "failing" if self._outage_since is not None else "connecting"
+
+    async def __aenter__(self) -> Self:
+        if self._task is not None:
+            raise RuntimeError(f"mqtt sink {self.name!r} is already running")
+        self._closed = False
+        self._ready = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(), name=f"poller.mqtt[{self.name}].connection")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._closed = True
+        session = self._session
+        if session is not None:
+            # A clean goodbye: the broker drops the Will on a normal DISCONNECT, so say offline ourselves.
+            with contextlib.suppress(aiomqtt.MqttError):
+                await session.client.publish(
+                    self.availability_topic, OFFLINE, qos=1, retain=True, timeout=GOODBYE_TIMEOUT
+                )
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()  # the task's `async with client` sends DISCONNECT on the way out
+            await asyncio.wait((task,))
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+        if self._session is None and self._ever_connected:
+            log.info("mqtt disconnected", sink=self.name)
+
+    # -- the connection task -----------------------------------------------------------------------------
+
+    def _client(self) -> aiomqtt.Client:
+        """A fresh client per connection, so nothing queued in a dead session is replayed behind our back."""
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self.config.username,
+            password=self._password,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(self.availability_topic, OFFLINE, qos=1, retain=True),
+            keepalive=self.config.keepalive,
+            tls_context=self._tls_context,
+        )
+        client.pending_calls_threshold = 2 * self.max_in_flight + 2  # each send holds up to one publish
+        return client
+
+    async def _run(self) -> None:
+        """Connect, announce ``online``, wait for the connection to end; repeat forever with backoff."""
+        while True:
+            try:
+                async with self._client() as client:
+                    await client.publish(self.availability_topic, ONLINE, qos=1, retain=True)
+                    self._on_up(client)
+                    try:
+                        async for _ in client.messages:
+                            pass  # nothing is subscribed: the iterator only raises, when the connection ends
+                    finally:
+                        self._on_down()
+            except aiomqtt.MqttError as exc:
+                self._on_failure(exc)
+            except Exception as exc:  # a bug must not end reconnection for good
+                log.exception("mqtt connection failed unexpectedly", sink=self.name)
+                self._on_failure(exc)
+            await asyncio.sleep(full_jitter(self._attempts, BACKOFF_BASE, BACKOFF_CAP, self._rand))
+
+    def _on_up(self, client: aiomqtt.Client) -> None:
+        session = _Session(client)
+        self._session = session
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(session)
+        self._up.set()
+        fields: dict[str, Any] = {"sink": self.name, "broker": f"{self.host}:{self.port}", "client_id": self.client_id}
+        if self._outage_since is not None:
+            fields |= {"down_for": round(time.monotonic() - self._outage_since, 3), "attempts": self._attempts}
+        log.info("mqtt recovered" if self._ever_connected else "mqtt connected", **fields)
+        self._ever_connected = True
+        self._outage_since = self._outage_reason = None
+        self._attempts = 0
+
+    def _on_down(self) -> None:
+        session, self._session = self._session, None
+        self._up.clear()
+        if session is not None and not session.ended.done():
+            session.ended.set_result(None)
+        if self._ready is None or self._ready.done():
+            self._ready = asyncio.get_running_loop().create_future()
+
+    def _on_failure(self, exc: Exception) -> None:
+        """Log an outage when it starts (and when its reason changes), not every failed attempt."""
+        self._attempts += 1
+        reason, code = _describe(exc)
+        fields: dict[str, Any] = {
+            "sink": self.name,
+            "broker": f"{self.host}:{self.port}",
+            "error": reason,
+            "error_type": type(exc).__name__,
+            "reason_code": code,
+        }
+        if code in _AUTH_CODES:
+            fields["fix"] = f"check {self._key}.username and its password secret"
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            self._outage_reason = reason
+            lost = self._ever_connected
+            log.warning("mqtt connection lost; reconnecting" if lost else "mqtt broker unavailable; retrying", **fields)
+        elif reason != self._outage_reason:
+            self._outage_reason = reason
+            log.warning("mqtt still unavailable; the reason changed", attempts=self._attempts, **fields)
+        else:
+            log.debug("mqtt connection attempt failed", attempts=self._attempts, **fields)
+
+    # -- sending -----------------------------------------------------------------------------------------
+
+    async def send(self, event: Event, payload: bytes) -> None:
+        """Publish the event and the retained state; return after the broker acknowledged both."""
+        messages = self.messages(event, payload)
+        session = await self._wait_session()
+        publishing = asyncio.create_task(
+            self._publish(session.client, messages), name=f"poller.mqtt[{self.name}].publish.{event.batch_id}"
+        )
+        try:
+            await asyncio.wait((publishing, session.ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not publishing.done():
+                publishing.cancel()
+                await asyncio.wait((publishing,))
+        if publishing.cancelled():
+            raise DeliveryError(self.name, "connection lost before the broker acknowledged", retryable=True)
+        error = publishing.exception()
+        if isinstance(error, aiomqtt.MqttError):
+            reason, code = _describe(error)
+            raise DeliveryError(self.name, f"publish failed: {reason}", retryable=True, status=code) from error
+        if error is not None:
+            raise error
+
+    async def _wait_session(self) -> _Session:
+        """The live session; waits as long as it takes (the delivery worker decides when to give up)."""
+        while True:
+            ready = self._ready
+            if self._closed or ready is None:
+                raise DeliveryError(self.name, "the sink is not running", retryable=True)
+            # shield: a cancelled send must not cancel the future other sends are waiting on
+            session = await asyncio.shield(ready)
+            if session is None:
+                raise DeliveryError(self.name, "the sink was closed", retryable=True)
+            if not session.ended.done():
+                return session
+
+    async def _publish(self, client: aiomqtt.Client, messages: list[_Message]) -> None:
+        # aiomqtt's publish returns after PUBACK (QoS 1) / PUBCOMP (QoS 2). It does not notice a lost
+        # connection, hence no timeout here: `send` races it against the session's end instead.
+        for m in messages:
+            await client.publish(
+                m.topic, m.payload, qos=self.config.qos, retain=m.retain, properties=m.properties, timeout=math.inf
+            )
+
+    # -- rendering (pure) --------------------------------------------------------------------------------
+
+    def topics(self, event: Event) -> tuple[str, str]:
+        """The (event, state) topics of an event; raises a non-retryable DeliveryError for unsafe names."""
+        source = _level(self.name, "source", event.data.source)
+        batch = _level(self.name, "batch id", event.batch_id)
+        kind = _level(self.name, "event type", event.type)
+        base = f"{self.config.topic_prefix}/{source}/{batch}"
+        event_topic = f"{base}/event/{kind}"
+        if len(event_topic.encode()) > _MAX_TOPIC_BYTES:
+            raise DeliveryError(self.name, f"topic for batch {event.batch_id!r} is too long for MQTT", retryable=False)
+        return event_topic, f"{base}/state"
+
+    def messages(self, event: Event, payload: bytes) -> list[_Message]:
+        """What `send` publishes for an event, in order: the event, then the retained state."""
+        event_topic, state_topic = self.topics(event)
+        if event.type == PRUNED:
+            return [_Message(state_topic, b"", retain=True, properties=None)]  # empty retained = cleared
+        if self.config.format == "cloudevents":
+            body, content_type = encode_cloudevent(event), CLOUDEVENTS_CONTENT_TYPE
+        else:
+            body, content_type = payload, JSON_CONTENT_TYPE
+        expiry = self.config.message_expiry
+        return [
+            _Message(event_topic, body, retain=False, properties=self._properties(event, content_type, expiry)),
+            _Message(
+                state_topic,
+                state_payload(event),
+                retain=True,
+                properties=self._properties(event, JSON_CONTENT_TYPE, None),
+            ),
+        ]
+
+    def _properties(self, event: Event, content_type: str, expiry: float | None) -> Properties | None:
+        if not self._v5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho's properties are untyped
+        props.PayloadFormatIndicator = 1  # UTF-8
+        props.ContentType = content_type
+        props.UserProperty = [("event_id", event.id), ("event_type", event.type), ("batch_id", event.batch_id)]
+        if expiry is not None:
+            props.MessageExpiryInterval = max(1, math.ceil(expiry))
+        return props
+
+
+def state_payload(event: Event) -> bytes:
+    """The retained state document of a batch after `event` (the same for both formats)."""
+    data = event.data
+    state = {
+        "batch_id": data.id,
+        "source": data.source,
+        "status": data.status,
+        "previous_status": data.previous_status,
+        "request_counts": data.batch.get("request_counts"),
+        "updated_at": event.created_at,
+        "detected_at": data.detected_at,
+        "sequence": data.sequence,
+        "event_id": event.id,
+        "type": event.type,
+        "batch": data.batch,
+    }
+    return json.dumps(state, separators=(",", ":")).encode()
+
+
+def _level(sink: str, what: str, value: str) -> str:
+    """`value` as one topic level, unchanged; escaping would make two names share a topic, so reject."""
+    if not value or any(c in "/+#" or not c.isprintable() for c in value):
+        raise DeliveryError(
+            sink,
+            f"{what} {value!r} cannot be an MQTT topic level: it must be non-empty, without '/', '+', '#' "
+            "or control characters",
+            retryable=False,
+        )
+    return value
+
+
+def _describe(exc: BaseException) -> tuple[str, int | None]:
+    """A readable reason and the MQTT/paho code, looking through aiomqtt's wrapping."""
+    parts: list[str] = []
+    code: int | None = None
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 3:
+        if isinstance(seen, aiomqtt.MqttCodeError) and code is None:
+            rc = seen.rc
+            code = rc.value if isinstance(rc, ReasonCode) else rc
+        text = str(seen) or type(seen).__name__
+        if text not in parts:
+            parts.append(text)
+        seen = seen.__cause__
+    return ": ".join(parts), code
