@@ -140,6 +140,8 @@ def _counts_text(event: Event) -> str:
     if counts is None:
         return "no request counts yet"
     completed, failed, total = counts
+    if total == 0:
+        return "no requests processed"
     return f"{completed}/{total} requests completed, {failed} failed"
 
 
@@ -309,11 +311,6 @@ def pagerduty(event: Event, routing_key: str, *, links: str | None = None) -> di
 
 def alert_labels(alertname: str, event: Event) -> dict[str, str]:
     """The identifying labels of one alert about a batch: the same for its start and its end."""
-    labels: dict[str, str] = {}
-    for key, value in _metadata(event).items():
-        name = label_name(key)
-        if name and value and name not in _FIXED_LABELS:
-            labels.setdefault(name, value)  # keys are sorted: of two that sanitise alike, the first wins
     fixed = {
         "alertname": alertname,
         "severity": _AM_SEVERITY[alertname],
@@ -321,7 +318,11 @@ def alert_labels(alertname: str, event: Event) -> dict[str, str]:
         "source": event.data.source,
         "endpoint": _endpoint(event),
     }
-    labels.update({k: v for k, v in fixed.items() if v})
+    labels = {k: v for k, v in fixed.items() if v}
+    for key, value in _metadata(event).items():
+        name = label_name(key)
+        if name and value and name not in _FIXED_LABELS:
+            labels.setdefault(name, value)  # keys are sorted: of two that sanitise alike, the first wins
     return labels
 
 

@@ -230,8 +230,7 @@ def _make_leaf(d: Path, name: str, ca: tuple[Path, Path], *, usage: str, san: st
         "keyUsage=critical,digitalSignature,keyEncipherment\n"
         f"extendedKeyUsage={usage}\n"
         "subjectKeyIdentifier=hash\n"
-        "authorityKeyIdentifier=keyid,issuer\n"
-        + (f"subjectAltName={san}\n" if san else "")
+        "authorityKeyIdentifier=keyid,issuer\n" + (f"subjectAltName={san}\n" if san else "")
     )
     _openssl(
         "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 import structlog
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -69,6 +70,17 @@ class _Session:
 
     client: aiomqtt.Client
     ended: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when the handshake fails: paho drops the socket unclosed then (an fd held until GC)."""
+
+    def do_handshake(self, block: bool = False) -> None:  # ssl's signature
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
 
 
 class MqttSink:
@@ -148,6 +160,7 @@ class MqttSink:
             ) from None
         if cfg.tls_insecure:
             context.check_hostname = False
+        context.sslsocket_class = _ClosingSSLSocket
         return context
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -267,14 +280,14 @@ class MqttSink:
             fields["fix"] = f"check {self._key}.username and its password secret"
         if self._outage_since is None:
             self._outage_since = time.monotonic()
-            self._outage_reason = reason
             lost = self._ever_connected
             log.warning("mqtt connection lost; reconnecting" if lost else "mqtt broker unavailable; retrying", **fields)
-        elif reason != self._outage_reason:
-            self._outage_reason = reason
-            log.warning("mqtt still unavailable; the reason changed", attempts=self._attempts, **fields)
+        elif isinstance(exc, MqttConnectError) and reason != self._outage_reason:
+            # The broker is back but refuses us (credentials, ACL): worth a line even mid-outage.
+            log.warning("mqtt broker refuses the connection", attempts=self._attempts, **fields)
         else:
             log.debug("mqtt connection attempt failed", attempts=self._attempts, **fields)
+        self._outage_reason = reason
 
     # -- sending -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,172 @@
+"""Helpers for tests that run the daemon: a fast simulated API, config files, in-process and subprocess daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from poller.config import Config, parse_config
+from poller.daemon import Daemon
+from poller.simulator import SimClock, SimProfile, Simulator
+
+KEY_ENV = "BATCH_POLLER_TEST_KEY"
+KEY = "sk-sim"
+FINAL = {"completed", "failed", "expired", "cancelled"}
+
+# Lifecycles of a few simulated minutes; at 30x they finish within seconds.
+FAST_PROFILE = SimProfile(
+    validating_s=(3, 20), in_progress_s=(20, 90), finalizing_s=(3, 20), cancelling_s=(3, 10), p_failed=0.1, p_expired=0.0
+)
+
+
+def fast_sim(speed: float = 30.0, seed: int = 7, **kwargs: Any) -> Simulator:
+    return Simulator(clock=SimClock(speed=speed), profile=FAST_PROFILE, seed=seed, **kwargs)
+
+
+def config_dict(base_url: str, state: Path, sinks: list[dict[str, Any]], **poll: Any) -> dict[str, Any]:
+    poll_section = {
+        "validating": "0.2s",
+        "in_progress": "0.2s",
+        "finalizing": "0.2s",
+        "cancelling": "0.2s",
+        "max_interval": "1s",
+        "error_backoff": "0.2s",
+        "max_error_backoff": "1s",
+        "progress_interval": "0.5s",
+        "max_requests_per_second": 200,
+        "discover_interval": "1s",
+    } | poll
+    return {
+        "source": {"base_url": base_url, "api_key_env": KEY_ENV},
+        "poll": poll_section,
+        "state": {"path": str(state)},
+        "service": {"enabled": False},
+        "sinks": sinks,
+    }
+
+
+def make_config(raw: dict[str, Any]) -> Config:
+    return parse_config(raw)
+
+
+def write_toml(path: Path, raw: dict[str, Any]) -> Path:
+    """A minimal TOML writer for the shapes tests use (tables, arrays of tables, scalars, lists, inline dicts)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(v)
+
+    lines: list[str] = []
+    for section, body in raw.items():
+        if section == "sinks":
+            for sink in body:
+                lines.append("[[sinks]]")
+                lines.extend(f"{k} = {value(v)}" for k, v in sink.items())
+        else:
+            lines.append(f"[{section}]")
+            lines.extend(f"{k} = {value(v)}" for k, v in body.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@asynccontextmanager
+async def running(config: Config, **kwargs: Any) -> AsyncIterator[Daemon]:
+    """A daemon running in this event loop; stopped (and awaited) on exit."""
+    daemon = Daemon(config, environ={KEY_ENV: KEY} | kwargs.pop("environ", {}), **kwargs)
+    task = asyncio.create_task(daemon.run())
+    await asyncio.wait_for(daemon.ready.wait(), 10)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(task, 30) == 0
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> None:
+    """Wait until `check()` is true; fail with the last state after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        await asyncio.sleep(interval)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    lines = path.read_bytes().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def expected_statuses(batch: dict[str, Any]) -> list[str]:
+    """The statuses a batch went through, from its own timestamps (what the file sink must show)."""
+    path = ["validating"]
+    for status in ("in_progress", "finalizing", "cancelling"):
+        if batch.get(f"{status}_at") is not None:
+            path.append(status)
+    path.append(batch["status"])
+    return path
+
+
+def check_event_log(events: list[dict[str, Any]], sim: Simulator, ids: list[str]) -> None:
+    """Every status of every batch exactly once (by id), per batch in sequence order, status events complete."""
+    by_batch: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        by_batch.setdefault(event["data"]["id"], []).append(event)
+    for batch_id in ids:
+        got = by_batch.get(batch_id, [])
+        seqs = [e["data"]["sequence"] for e in got]
+        assert seqs == sorted(seqs), f"{batch_id}: out of order {seqs}"
+        ids_seen = [e["id"] for e in got]
+        assert len(ids_seen) == len(set(ids_seen)), f"{batch_id}: an event was delivered twice"
+        statuses = [e["data"]["status"] for e in got if e["type"] == f"batch.{e['data']['status']}"]
+        assert statuses == expected_statuses(sim.get(batch_id)), f"{batch_id}: {statuses}"
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCH_POLLER_")}
+    env.update({KEY_ENV: KEY, "PYTHONUNBUFFERED": "1"})
+    env.pop("NOTIFY_SOCKET", None)
+    return env | (extra or {})
+
+
+async def start_daemon_process(config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    log = log_path.open("ab")
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "poller.cli",
+            "run",
+            "--config",
+            str(config_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env or cli_env(),
+        )
+    finally:
+        log.close()
+
+
+async def stop_process(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    if proc.returncode is None:
+        proc.send_signal(sig)
+    return await asyncio.wait_for(proc.wait(), timeout)

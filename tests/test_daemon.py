@@ -1,0 +1,136 @@
+"""The daemon end to end, in process, against the simulator over real HTTP, with real SQLite and file sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from poller.simulator import Fault, serve
+from tests.helpers import (
+    FINAL,
+    check_event_log,
+    config_dict,
+    eventually,
+    fast_sim,
+    make_config,
+    read_jsonl,
+    running,
+)
+
+
+async def test_twenty_batches_every_transition_once_in_order(tmp_path):
+    sim = fast_sim(speed=40)
+    async with serve(sim) as url:
+        ids = sim.create_batches(20)
+        events_file = tmp_path / "events.jsonl"
+        raw = config_dict(url, tmp_path / "state.db", [{"kind": "file", "path": str(events_file)}])
+        raw["source"]["track"] = ids
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: ids[0] in {e["data"]["id"] for e in read_jsonl(events_file)})
+            sim.cancel(ids[0])
+            await eventually(lambda: all(sim.get(i)["status"] in FINAL for i in ids), timeout=60)
+            await eventually(lambda: not daemon.store.batches(daemon.source, states=["active"]), timeout=20)
+            await eventually(lambda: not daemon.store.deliveries(), timeout=20)
+        check_event_log(read_jsonl(events_file), sim, ids)
+        assert sim.get(ids[0])["status"] == "cancelled"
+
+
+async def test_bulk_refresh_uses_list_pages_instead_of_one_retrieve_each(tmp_path):
+    sim = fast_sim(speed=0.001)  # frozen: every batch stays validating
+    async with serve(sim) as url:
+        ids = sim.create_batches(300, spread=60)
+        sim.create_batches(50)  # newer untracked batches dilute the first page
+        raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
+        raw["source"]["track"] = ids
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: all(b.created_at for b in daemon.tracker.batches.values()), timeout=30)
+            sim.stats.reset()
+            for batch in daemon.tracker.batches.values():
+                batch.next_due = 0.0
+            daemon.wake()
+            await eventually(lambda: all(b.next_due > 0 for b in daemon.tracker.batches.values()), timeout=30)
+        requests = sim.stats.as_dict()
+        floor = math.ceil(350 / 100)
+        assert requests["retrieve"] == 0, requests
+        assert requests["list"] <= floor, requests
+        assert daemon.tracker.prefer_list(list(daemon.tracker.batches.values()))
+
+
+async def test_bad_responses_are_counted_and_never_become_events(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        ids = sim.create_batches(3)
+        events_file = tmp_path / "events.jsonl"
+        raw = config_dict(url, tmp_path / "state.db", [{"kind": "file", "path": str(events_file)}])
+        raw["source"]["track"] = ids
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: len(read_jsonl(events_file)) == 3)
+            for kind in ("nonjson", "unknown_status", "500"):
+                sim.inject(Fault(kind=kind, count=3))
+            await eventually(lambda: not sim.faults, timeout=20)
+            polls_after = sim.stats.retrieve
+            await eventually(lambda: sim.stats.retrieve > polls_after + 3)  # still polling
+            bad = {s.labels["reason"]: s.value for s in _samples(daemon, "batch_poller_bad_responses_total")}
+        events = read_jsonl(events_file)
+        assert [e["type"] for e in events] == ["batch.validating"] * 3
+        assert bad.get("not_json", 0) >= 3
+        assert bad.get("unknown_status", 0) >= 3
+
+
+async def test_unknown_batch_is_marked_gone_after_repeated_404(tmp_path):
+    sim = fast_sim()
+    async with serve(sim) as url:
+        raw = config_dict(url, tmp_path / "state.db", [], gone_after=3)
+        raw["source"]["track"] = ["batch_does_not_exist"]
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: daemon.store.batches(daemon.source, states=["gone"]) != [], timeout=20)
+            requests = sim.stats.retrieve
+        assert requests == 3
+
+
+async def test_discovery_tracks_running_batches_matching_the_filters(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        wanted = sim.create_batches(5, metadata={"team": "search"})
+        sim.create_batches(5, metadata={"team": "ads"})
+        raw = config_dict(url, tmp_path / "state.db", [])
+        raw["source"] |= {"discover": True, "discover_metadata": {"team": "search"}}
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: len(daemon.tracker.batches) == 5)
+            assert set(daemon.tracker.batches) == set(wanted)
+
+
+async def test_azure_classic_shape(tmp_path):
+    sim = fast_sim(speed=0.001, prefixes=("/openai",))
+    async with serve(sim) as url:
+        ids = sim.create_batches(2)
+        raw = config_dict(url, tmp_path / "state.db", [])
+        raw["source"] |= {"kind": "azure", "api_version": "2024-10-21", "track": ids}
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: all(b.knowledge.status == "validating" for b in daemon.tracker.batches.values()))
+
+
+async def test_rejected_credentials_pause_polling_and_say_so_once(tmp_path):
+    from structlog.testing import capture_logs
+
+    sim = fast_sim(speed=0.001, api_keys=("sk-other",))
+    async with serve(sim) as url:
+        ids = sim.create_batches(4)
+        raw = config_dict(url, tmp_path / "state.db", [], auth_backoff="30s")
+        raw["source"]["track"] = ids
+        with capture_logs() as logs:
+            async with running(make_config(raw)) as daemon:
+                await eventually(lambda: daemon.health.auth_failing)
+                first = sim.stats.unauthorized
+                await asyncio.sleep(1.0)
+                assert sim.stats.unauthorized == first  # paused: no more requests for 30 s
+    loud = [e for e in logs if "REJECTS THE CREDENTIALS" in e["event"]]
+    assert len(loud) == 1
+    assert all("sk-sim" not in str(e) for e in logs)
+
+
+def _samples(daemon, name):
+    for family in daemon.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                yield sample

@@ -1,0 +1,522 @@
+"""Transition detection, driven through tables with a fixed clock (like arq's tests/test_cron.py).
+
+Every expectation below comes from the issue's spec, not from reading `poller/transitions.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from poller.models import Batch, Event
+from poller.transitions import Detection, Knowledge, Policy, detect
+
+SOURCE = "openai"
+T0 = 1_700_000_000  # the batch's created_at
+NOW = T0 + 5_000  # a detection time later than every *_at used below
+POLICY = Policy(progress=True, progress_interval=60.0, stall_after=1800.0, expiry_warning=3600.0)
+
+
+def make_batch(status: str, batch_id: str = "batch_abc", **fields: Any) -> Batch:
+    raw: dict[str, Any] = {
+        "id": batch_id,
+        "object": "batch",
+        "endpoint": "/v1/chat/completions",
+        "input_file_id": "file-in",
+        "completion_window": "24h",
+        "created_at": T0,
+        "status": status,
+        **fields,
+    }
+    return Batch.model_validate(raw)
+
+
+def counts(completed: int, failed: int = 0, total: int = 100) -> dict[str, int]:
+    return {"completed": completed, "failed": failed, "total": total}
+
+
+def first_sight(batch: Batch, now: float = NOW - 1000, policy: Policy = POLICY) -> Knowledge:
+    return detect(SOURCE, Knowledge(), batch, now, policy).knowledge
+
+
+@dataclass
+class Run:
+    """Feeds snapshots through detect one after another, as the daemon would."""
+
+    policy: Policy = POLICY
+    knowledge: Knowledge = Knowledge()
+
+    def __post_init__(self) -> None:
+        self.events: list[Event] = []
+        self.per_poll: list[list[Event]] = []
+        self.warnings: list[str | None] = []
+
+    def poll(self, batch: Batch, now: float) -> Detection:
+        result = detect(SOURCE, self.knowledge, batch, now, self.policy)
+        self.knowledge = result.knowledge
+        self.events += result.events
+        self.per_poll.append(result.events)
+        self.warnings.append(result.warning)
+        return result
+
+
+def assert_sequences_consecutive(events: list[Event], start: int = 1) -> None:
+    assert [e.data.sequence for e in events] == list(range(start, start + len(events)))
+
+
+# -- status events ---------------------------------------------------------------------------------
+
+STATUS_CASES = [
+    # id, stored status (None: never seen), fetched status, fetched *_at fields, expected (type, previous, created_at)
+    pytest.param(None, "validating", {}, [("batch.validating", None, T0)], id="first-sight-validating"),
+    pytest.param(
+        None,
+        "completed",
+        {"in_progress_at": T0 + 10, "finalizing_at": T0 + 200, "completed_at": T0 + 300},
+        [("batch.completed", None, T0 + 300)],
+        id="first-sight-final-emits-one-event",
+    ),
+    pytest.param(None, "in_progress", {}, [("batch.in_progress", None, NOW)], id="first-sight-no-timestamp-uses-now"),
+    pytest.param(
+        "validating",
+        "in_progress",
+        {"in_progress_at": T0 + 10},
+        [("batch.in_progress", "validating", T0 + 10)],
+        id="validating-to-in_progress",
+    ),
+    pytest.param(
+        "validating",
+        "in_progress",
+        {},
+        [("batch.in_progress", "validating", NOW)],
+        id="missing-timestamp-falls-back-to-detection-time",
+    ),
+    pytest.param(
+        "validating",
+        "completed",
+        {"in_progress_at": T0 + 10, "finalizing_at": T0 + 200, "completed_at": T0 + 300},
+        [
+            ("batch.in_progress", "validating", T0 + 10),
+            ("batch.finalizing", "in_progress", T0 + 200),
+            ("batch.completed", "finalizing", T0 + 300),
+        ],
+        id="missed-in_progress-and-finalizing",
+    ),
+    pytest.param(
+        "in_progress",
+        "completed",
+        {"in_progress_at": T0 + 10, "finalizing_at": T0 + 200, "completed_at": T0 + 300},
+        [("batch.finalizing", "in_progress", T0 + 200), ("batch.completed", "finalizing", T0 + 300)],
+        id="missed-finalizing",
+    ),
+    pytest.param(
+        "in_progress",
+        "cancelled",
+        {"in_progress_at": T0 + 10, "cancelling_at": T0 + 50, "cancelled_at": T0 + 90},
+        [("batch.cancelling", "in_progress", T0 + 50), ("batch.cancelled", "cancelling", T0 + 90)],
+        id="missed-cancelling",
+    ),
+    pytest.param(
+        "validating",
+        "cancelled",
+        {"in_progress_at": T0 + 10, "cancelling_at": T0 + 50, "cancelled_at": T0 + 90},
+        [
+            ("batch.in_progress", "validating", T0 + 10),
+            ("batch.cancelling", "in_progress", T0 + 50),
+            ("batch.cancelled", "cancelling", T0 + 90),
+        ],
+        id="missed-in_progress-and-cancelling",
+    ),
+    pytest.param(
+        "cancelling",
+        "cancelled",
+        {"in_progress_at": T0 + 10, "cancelling_at": T0 + 50, "cancelled_at": T0 + 90},
+        [("batch.cancelled", "cancelling", T0 + 90)],
+        id="cancelling-to-cancelled",
+    ),
+    pytest.param(
+        "validating", "failed", {"failed_at": T0 + 5}, [("batch.failed", "validating", T0 + 5)], id="validation-failed"
+    ),
+    pytest.param(
+        "in_progress",
+        "expired",
+        {"in_progress_at": T0 + 10, "expired_at": T0 + 86_400},
+        [("batch.expired", "in_progress", T0 + 86_400)],
+        id="expired",
+    ),
+    pytest.param(
+        "finalizing",
+        "completed",
+        {"in_progress_at": T0 + 10, "finalizing_at": T0 + 200, "completed_at": T0 + 300},
+        [("batch.completed", "finalizing", T0 + 300)],
+        id="finalizing-to-completed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("stored", "status", "times", "expected"), STATUS_CASES)
+def test_status_events(
+    stored: str | None, status: str, times: dict[str, int], expected: list[tuple[str, str | None, int]]
+) -> None:
+    known = Knowledge() if stored is None else first_sight(make_batch(stored, **times))
+    fetched = make_batch(status, request_counts=counts(3), **times)
+
+    result = detect(SOURCE, known, fetched, NOW, POLICY)
+
+    assert result.warning is None
+    assert [(e.type, e.data.previous_status, e.created_at) for e in result.events] == expected
+    for event in result.events:
+        assert event.type == f"batch.{event.data.status}"
+        assert event.object == "event"
+        assert event.data.id == "batch_abc"
+        assert event.data.source == SOURCE
+        assert event.data.detected_at == NOW
+        assert event.data.batch == fetched.wire()
+    assert_sequences_consecutive(result.events, start=known.sequence + 1)
+    assert result.knowledge.sequence == known.sequence + len(expected)
+    assert result.knowledge.status == status
+    assert result.status_changed
+
+
+# -- nothing to emit: repeats, stale snapshots, unknown statuses ----------------------------------
+
+TIMES = {"in_progress_at": T0 + 10, "finalizing_at": T0 + 200, "completed_at": T0 + 300}
+
+IGNORED_CASES = [
+    # id, snapshots already seen (in order), the snapshot fed now, whether a warning is expected
+    pytest.param(["validating"], "validating", False, id="same-validating-twice"),
+    pytest.param(["validating", "completed"], "completed", False, id="same-completed-twice"),
+    pytest.param(["validating", "in_progress"], "validating", True, id="stale-validating-after-in_progress"),
+    pytest.param(["in_progress", "completed"], "in_progress", True, id="stale-in_progress-after-completed"),
+    pytest.param(["validating", "completed"], "finalizing", True, id="stale-reconstructed-finalizing"),
+    pytest.param(["validating", "completed"], "in_progress", True, id="stale-reconstructed-in_progress"),
+    pytest.param(["in_progress", "cancelling"], "in_progress", True, id="stale-in_progress-after-cancelling"),
+    pytest.param(["validating"], "paused", True, id="unknown-status"),
+    pytest.param([], "paused", True, id="unknown-status-first-sight"),
+    pytest.param(["in_progress", "finalizing"], "reticulating", True, id="unknown-status-mid-life"),
+]
+
+
+@pytest.mark.parametrize(("history", "fetched", "warns"), IGNORED_CASES)
+def test_nothing_is_emitted_twice_and_bad_statuses_change_nothing(
+    history: list[str], fetched: str, warns: bool
+) -> None:
+    run = Run()
+    for i, status in enumerate(history):
+        run.poll(make_batch(status, **TIMES), NOW + i)
+    before = run.knowledge
+
+    result = detect(SOURCE, before, make_batch(fetched, **TIMES), NOW + 100, POLICY)
+
+    assert result.events == []
+    assert (result.warning is not None) == warns
+    assert result.knowledge == before
+    assert not result.status_changed
+
+
+def test_each_status_is_emitted_once_over_a_noisy_history() -> None:
+    """Replays, stale snapshots and unknown statuses in between: each status still appears exactly once."""
+    snapshots = [
+        "validating",
+        "validating",
+        "in_progress",
+        "validating",
+        "weird",
+        "in_progress",
+        "finalizing",
+        "in_progress",
+        "completed",
+        "finalizing",
+        "completed",
+    ]
+    run = Run()
+    for i, status in enumerate(snapshots):
+        run.poll(make_batch(status, **TIMES), NOW + i)
+
+    assert [e.type for e in run.events] == [
+        "batch.validating",
+        "batch.in_progress",
+        "batch.finalizing",
+        "batch.completed",
+    ]
+    assert [e.data.previous_status for e in run.events] == [None, "validating", "in_progress", "finalizing"]
+    assert_sequences_consecutive(run.events)
+    assert [w is not None for w in run.warnings] == [False, False, False, True, True, False, False, True, False, True, False]
+
+
+def test_detection_is_pure() -> None:
+    known = first_sight(make_batch("validating"))
+    fetched = make_batch("completed", **TIMES)
+    first = detect(SOURCE, known, fetched, NOW, POLICY)
+    second = detect(SOURCE, known, fetched, NOW, POLICY)
+    assert first == second
+    assert known == first_sight(make_batch("validating"))
+
+
+# -- event ids ---------------------------------------------------------------------------------------
+
+
+def test_redetection_after_a_crash_gives_the_same_ids() -> None:
+    """The store lost the last commit: the same knowledge meets the same batch later; ids must match."""
+    known = first_sight(make_batch("validating"))
+    fetched = make_batch("completed", **TIMES)
+    before_crash = detect(SOURCE, known, fetched, NOW, POLICY).events
+    after_restart = detect(SOURCE, known, fetched, NOW + 3600.5, POLICY).events
+
+    assert [e.id for e in before_crash] == [e.id for e in after_restart]
+    assert len({e.id for e in before_crash}) == 3  # distinct per type
+
+
+@pytest.mark.parametrize(
+    ("source", "batch_id", "status"),
+    [
+        pytest.param("azure", "batch_abc", "validating", id="other-source"),
+        pytest.param(SOURCE, "batch_other", "validating", id="other-batch"),
+        pytest.param(SOURCE, "batch_abc", "in_progress", id="other-type"),
+    ],
+)
+def test_ids_differ_when_source_batch_or_type_differ(source: str, batch_id: str, status: str) -> None:
+    reference = detect(SOURCE, Knowledge(), make_batch("validating"), NOW, POLICY).events[0]
+    other = detect(source, Knowledge(), make_batch(status, batch_id=batch_id), NOW, POLICY).events[0]
+    assert other.id != reference.id
+
+
+def test_first_sight_id_does_not_depend_on_time_or_sequence() -> None:
+    a = detect(SOURCE, Knowledge(), make_batch("in_progress"), NOW, POLICY).events[0]
+    b = detect(SOURCE, Knowledge(sequence=41), make_batch("in_progress"), NOW + 999, POLICY).events[0]
+    assert a.id == b.id
+    assert b.data.sequence == 42
+
+
+def test_progress_ids_include_the_counts() -> None:
+    def progress_after(completed: int) -> Event:
+        run = Run()
+        run.poll(make_batch("in_progress", request_counts=counts(0)), NOW)
+        run.poll(make_batch("in_progress", request_counts=counts(completed)), NOW + 100)
+        [event] = run.per_poll[-1]
+        assert event.type == "batch.progress"
+        return event
+
+    assert progress_after(10).id == progress_after(10).id
+    assert progress_after(10).id != progress_after(20).id
+
+
+# -- progress ----------------------------------------------------------------------------------------
+
+C0, C1, C2, C3 = counts(0), counts(10), counts(20, 1), counts(30, 2)
+
+PROGRESS_CASES = [
+    # id, policy, polls as (seconds after NOW, status, request_counts), expected progress as (poll index, counts)
+    pytest.param(POLICY, [(0, "in_progress", C0), (30, "in_progress", C1)], [(1, C1)], id="change-emits"),
+    pytest.param(
+        POLICY, [(0, "in_progress", C0), (30, "in_progress", C0), (500, "in_progress", C0)], [], id="no-change-no-event"
+    ),
+    pytest.param(
+        POLICY,
+        [(0, "in_progress", C0), (30, "in_progress", C1), (60, "in_progress", C2), (95, "in_progress", C2)],
+        [(1, C1), (3, C2)],
+        id="suppressed-change-emitted-once-interval-passed",
+    ),
+    pytest.param(
+        POLICY,
+        [(0, "in_progress", C0), (30, "in_progress", C1), (50, "in_progress", C2), (89, "in_progress", C3)],
+        [(1, C1)],
+        id="at-most-one-per-interval",
+    ),
+    pytest.param(
+        POLICY,
+        [(0, "in_progress", C0), (30, "in_progress", C1), (50, "in_progress", C2), (90, "in_progress", C3)],
+        [(1, C1), (3, C3)],
+        id="latest-counts-after-interval",
+    ),
+    pytest.param(
+        POLICY,
+        [(0, "in_progress", C0), (30, "in_progress", C1), (50, "in_progress", C2), (70, "in_progress", C1)],
+        [(1, C1)],
+        id="back-to-last-emitted-counts-nothing-to-report",
+    ),
+    pytest.param(
+        Policy(progress=False),
+        [(0, "in_progress", C0), (30, "in_progress", C1), (200, "in_progress", C2)],
+        [],
+        id="disabled",
+    ),
+    pytest.param(
+        POLICY,
+        [(0, "validating", C0), (100, "in_progress", C1)],
+        [],
+        id="none-in-the-status-change-poll",
+    ),
+    pytest.param(
+        POLICY,
+        [(0, "in_progress", C0), (100, "completed", C1), (300, "completed", C2)],
+        [],
+        id="none-for-final-statuses",
+    ),
+    pytest.param(
+        POLICY,
+        [(0, "finalizing", C1), (100, "finalizing", C2)],
+        [(1, C2)],
+        id="finalizing-is-not-final",
+    ),
+]
+
+
+@pytest.mark.parametrize(("policy", "polls", "expected"), PROGRESS_CASES)
+def test_progress(
+    policy: Policy, polls: list[tuple[float, str, dict[str, int]]], expected: list[tuple[int, dict[str, int]]]
+) -> None:
+    run = Run(policy=policy)
+    for offset, status, rc in polls:
+        run.poll(make_batch(status, request_counts=rc), NOW + offset)
+
+    emitted = [
+        (i, event.data.batch["request_counts"])
+        for i, events in enumerate(run.per_poll)
+        for event in events
+        if event.type == "batch.progress"
+    ]
+    assert emitted == expected
+    for events in run.per_poll:
+        progress = [e for e in events if e.type == "batch.progress"]
+        assert len(progress) <= 1
+        assert not (progress and any(e.type.removeprefix("batch.") == e.data.status for e in events))
+    assert_sequences_consecutive(run.events)
+
+
+# -- stalls ------------------------------------------------------------------------------------------
+
+QUIET = Policy(progress=False, stall_after=1800.0, expiry_warning=3600.0)
+
+STALL_CASES = [
+    # id, polls as (seconds after NOW, status, completed count), polls that must emit batch.stalled
+    pytest.param(
+        [(0, "in_progress", 5), (1000, "in_progress", 5), (1799, "in_progress", 5)], [], id="not-yet"
+    ),
+    pytest.param(
+        [(0, "in_progress", 5), (1000, "in_progress", 5), (1800, "in_progress", 5), (2500, "in_progress", 5)],
+        [2],
+        id="once-per-stall",
+    ),
+    pytest.param(
+        [(0, "in_progress", 5), (1000, "in_progress", 6), (2000, "in_progress", 6), (2800, "in_progress", 6)],
+        [3],
+        id="clock-restarts-when-counts-move",
+    ),
+    pytest.param(
+        [
+            (0, "in_progress", 5),
+            (1800, "in_progress", 5),
+            (2000, "in_progress", 6),
+            (3700, "in_progress", 6),
+            (3800, "in_progress", 6),
+            (9000, "in_progress", 6),
+        ],
+        [1, 4],
+        id="new-stall-after-counts-moved",
+    ),
+    pytest.param([(0, "validating", 0), (5000, "validating", 0)], [], id="not-while-validating"),
+    pytest.param([(0, "finalizing", 5), (5000, "finalizing", 5)], [], id="not-while-finalizing"),
+    pytest.param([(0, "completed", 5), (5000, "completed", 5)], [], id="not-when-final"),
+]
+
+
+@pytest.mark.parametrize(("polls", "expected"), STALL_CASES)
+def test_stalled(polls: list[tuple[float, str, int]], expected: list[int]) -> None:
+    run = Run(policy=QUIET)
+    for offset, status, done in polls:
+        run.poll(make_batch(status, request_counts=counts(done)), NOW + offset)
+
+    stalled_polls = [i for i, events in enumerate(run.per_poll) for e in events if e.type == "batch.stalled"]
+    assert stalled_polls == expected
+    stalls = [e for e in run.events if e.type == "batch.stalled"]
+    assert len({e.id for e in stalls}) == len(stalls)  # a new stall is a new event
+    assert_sequences_consecutive(run.events)
+
+
+# -- expiry ------------------------------------------------------------------------------------------
+
+EXPIRES = NOW + 86_400
+EDGE = EXPIRES - 3600 - NOW  # the first offset inside the warning window
+
+EXPIRY_CASES = [
+    # id, polls as (seconds after NOW, status), polls that must emit batch.expiring
+    pytest.param([(0, "validating"), (EDGE - 1, "validating")], [], id="too-early"),
+    pytest.param(
+        [(0, "validating"), (EDGE - 1, "validating"), (EDGE, "validating"), (EDGE + 60, "validating")],
+        [2],
+        id="validating-once",
+    ),
+    pytest.param(
+        [(0, "in_progress"), (EDGE + 10, "in_progress"), (EDGE + 20, "in_progress"), (EDGE + 4000, "in_progress")],
+        [1],
+        id="in_progress-once-even-past-expiry",
+    ),
+    pytest.param(
+        [(0, "validating"), (EDGE, "validating"), (EDGE + 30, "in_progress"), (EDGE + 60, "in_progress")],
+        [1],
+        id="not-again-after-status-change",
+    ),
+    pytest.param([(0, "finalizing"), (EDGE, "finalizing"), (EDGE + 60, "finalizing")], [], id="never-finalizing"),
+    pytest.param([(0, "completed"), (EDGE, "completed")], [], id="never-final"),
+    pytest.param([(0, "cancelling"), (EDGE, "cancelling")], [], id="never-cancelling"),
+    pytest.param(
+        [(0, "in_progress"), (EDGE - 10, "in_progress"), (EDGE, "finalizing"), (EDGE + 60, "finalizing")],
+        [],
+        id="left-the-watched-statuses-before-the-window",
+    ),
+]
+
+
+@pytest.mark.parametrize(("polls", "expected"), EXPIRY_CASES)
+def test_expiring(polls: list[tuple[float, str]], expected: list[int]) -> None:
+    run = Run(policy=QUIET)
+    for offset, status in polls:
+        run.poll(make_batch(status, expires_at=EXPIRES, request_counts=counts(1)), NOW + offset)
+
+    expiring_polls = [i for i, events in enumerate(run.per_poll) for e in events if e.type == "batch.expiring"]
+    assert expiring_polls == expected
+    for i in expected:
+        [event] = [e for e in run.per_poll[i] if e.type == "batch.expiring"]
+        assert event.data.status in {"validating", "in_progress"}
+    assert_sequences_consecutive(run.events)
+
+
+def test_sequence_is_strict_over_a_whole_lifecycle() -> None:
+    """Status, progress, stall and expiry events of one batch share one strictly increasing sequence."""
+    expires = NOW + 86_400
+    polls: list[tuple[float, dict[str, Any]]] = [
+        (0, {"status": "validating", "request_counts": counts(0, total=0)}),
+        (60, {"status": "in_progress", "request_counts": counts(0), "in_progress_at": T0 + 5_030}),
+        (200, {"status": "in_progress", "request_counts": counts(10), "in_progress_at": T0 + 5_030}),
+        (2100, {"status": "in_progress", "request_counts": counts(10), "in_progress_at": T0 + 5_030}),
+        (84_000, {"status": "in_progress", "request_counts": counts(90), "in_progress_at": T0 + 5_030}),
+        (
+            84_100,
+            {
+                "status": "completed",
+                "request_counts": counts(100),
+                "in_progress_at": T0 + 5_030,
+                "finalizing_at": T0 + 89_050,
+                "completed_at": T0 + 89_090,
+            },
+        ),
+    ]
+    run = Run()
+    for offset, fields in polls:
+        run.poll(make_batch(batch_id="batch_life", expires_at=expires, **fields), NOW + offset)
+
+    assert [sorted(e.type for e in events) for events in run.per_poll] == [
+        ["batch.validating"],
+        ["batch.in_progress"],
+        ["batch.progress"],
+        ["batch.stalled"],
+        ["batch.expiring", "batch.progress"],
+        ["batch.completed", "batch.finalizing"],
+    ]
+    assert [e.type for e in run.per_poll[-1]] == ["batch.finalizing", "batch.completed"]
+    assert_sequences_consecutive(run.events)
+    assert run.knowledge.sequence == len(run.events)
+    assert len({e.id for e in run.events}) == len(run.events)
