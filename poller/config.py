@@ -7,6 +7,7 @@ a relative file is looked up in ``$CREDENTIALS_DIRECTORY`` when systemd sets it)
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -171,7 +172,22 @@ class ServiceConfig(_Section):
         host, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit() or not host:
             raise ValueError("listen must be HOST:PORT, for example 127.0.0.1:9464")
+        if self.enabled and not self.is_loopback and self.token_env is None and self.token_file is None:
+            raise ValueError(
+                f"listen {self.listen} is not a loopback address: set token_env or token_file so the control API "
+                "requires a bearer token, or listen on 127.0.0.1"
+            )
         return self
+
+    @property
+    def is_loopback(self) -> bool:
+        host = self.host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def host(self) -> str:

@@ -26,8 +26,10 @@ from poller.config import Config, SinkConfig, load_config
 from poller.delivery import DeliveryWorker, route
 from poller.errors import ApiError, BadResponseError, ConfigError
 from poller.events import encode
+from poller.logs import configure
 from poller.metrics import Metrics
 from poller.models import Batch
+from poller.notify import Notifier, watchdog_loop
 from poller.records import ACTIVE, NewEvent, TrackedBatch
 from poller.schedule import Intervals, Pacer
 from poller.sinks.base import Sink
@@ -44,6 +46,8 @@ DISCOVER_MAX_AGE = 3 * 86400
 #: Later walks stop this far behind the newest batch the previous walk saw (same-second creations, skew).
 DISCOVER_OVERLAP = 600
 PRUNE_EVERY = 600.0
+#: The poll loop ticks at least every second; this long without a tick means it is stuck.
+LOOP_STALL = 30.0
 
 
 def build_sink(name: str, config: SinkConfig, environ: dict[str, str]) -> Sink:
@@ -100,6 +104,7 @@ class Daemon:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -123,6 +128,14 @@ class Daemon:
         self._next_discover = 0.0
         self._discover_horizon: int | None = None
         self._next_prune = 0.0
+        self._api_stack: AsyncExitStack | None = None
+        self._sink_stacks: dict[str, AsyncExitStack] = {}
+        self._worker_tasks: dict[str, asyncio.Task[None]] = {}
+        self._serving = False
+        self._reload_requested = False
+        self._last_status = ""
+        self.notifier = notifier if notifier is not None else Notifier.from_env(self.environ)
+        self.service: object | None = None
         self.ready = asyncio.Event()
 
     # -- public surface ----------------------------------------------------------------------------
@@ -146,75 +159,257 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             async with AsyncExitStack() as stack:
                 self._store = stack.enter_context(Store(self.config.state.db_path(self.environ)))
                 self.health.store_open = True
                 self._track_configured()
-                pacer = Pacer(self.config.poll.max_requests_per_second)
-                self._api = await stack.enter_async_context(
-                    BatchApi(
-                        self.config.source,
-                        self.config.source.api_key(self.environ),
-                        metrics=self.metrics,
-                        pacer=pacer,
-                        max_concurrency=self.config.poll.max_concurrency,
-                    )
-                )
+                stack.push_async_callback(self._close_api)
+                await self._open_api()
+                stack.push_async_callback(self._close_sinks)
                 for name, sink_config in self._sink_configs.items():
-                    sink = await stack.enter_async_context(build_sink(name, sink_config, self.environ))
-                    self.workers[name] = DeliveryWorker(
-                        self.store, sink, self.metrics, clock=self.clock, rand=self.rand
+                    await self._open_sink(name, sink_config)
+                if self.config.service.enabled:
+                    from poller.service import Service  # noqa: PLC0415 - aiohttp.web loads only when serving
+
+                    self.service = await stack.enter_async_context(
+                        Service(self, self.config.service, environ=self.environ)
                     )
                 await self._serve()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            self.notifier.close()
         return 0
 
+    def request_reload(self) -> None:
+        """Re-read the config at the next turn of the poll loop (what SIGHUP does)."""
+        self._reload_requested = True
+        self._wake.set()
+
+    async def _open_api(self) -> None:
+        stack = AsyncExitStack()
+        self._api = await stack.enter_async_context(
+            BatchApi(
+                self.config.source,
+                self.config.source.api_key(self.environ),
+                metrics=self.metrics,
+                pacer=Pacer(self.config.poll.max_requests_per_second),
+                max_concurrency=self.config.poll.max_concurrency,
+            )
+        )
+        self._api_stack = stack
+
+    async def _close_api(self) -> None:
+        if self._api_stack is not None:
+            await self._api_stack.aclose()
+            self._api_stack = self._api = None
+
+    async def _open_sink(self, name: str, sink_config: SinkConfig) -> None:
+        stack = AsyncExitStack()
+        sink = await stack.enter_async_context(build_sink(name, sink_config, self.environ))
+        worker = DeliveryWorker(self.store, sink, self.metrics, clock=self.clock, rand=self.rand)
+        self.workers[name] = worker
+        self._sink_stacks[name] = stack
+        self.metrics.sink_up.labels(name).set(1)
+        if self._serving:
+            self._worker_tasks[name] = asyncio.create_task(worker.run(), name=f"poller.delivery[{name}]")
+
+    async def _close_sink(self, name: str) -> None:
+        """Stop one sink: in-flight sends get the shutdown deadline; its rows stay in the outbox."""
+        worker = self.workers.pop(name, None)
+        if worker is not None:
+            await worker.stop(self.config.service.shutdown_timeout)
+        task = self._worker_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        stack = self._sink_stacks.pop(name, None)
+        if stack is not None:
+            await stack.aclose()
+
+    async def _close_sinks(self) -> None:
+        await asyncio.gather(*(self._close_sink(name) for name in list(self.workers)), return_exceptions=True)
+
     async def _serve(self) -> None:
-        tasks = [
-            asyncio.create_task(worker.run(), name=f"poller.delivery[{name}]") for name, worker in self.workers.items()
-        ]
+        self._serving = True
+        for name, worker in self.workers.items():
+            self._worker_tasks[name] = asyncio.create_task(worker.run(), name=f"poller.delivery[{name}]")
         poll = asyncio.create_task(self._poll_loop(), name="poller.poll_loop")
+        watchdog = asyncio.create_task(watchdog_loop(self.notifier, lambda: self.liveness()[0]), name="poller.watchdog")
+        self.health.loop_tick = time.monotonic()
         self.ready.set()
+        self.notifier.ready()
+        self._publish_status()
         log.info(
             "batch-poller started",
             source=self.source,
             tracking=len(self.tracker.active()),
             sinks=list(self.workers),
             state=str(self.store.path),
+            listen=self.config.service.listen if self.config.service.enabled else None,
         )
         stop = asyncio.create_task(self._stop.wait(), name="poller.stop_wait")
-        done, _ = await asyncio.wait([poll, stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        # The watchdog task ends at once when systemd set no watchdog, so it is not waited on here.
+        done, _ = await asyncio.wait([poll, stop], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task is not stop and not task.cancelled() and task.exception() is not None:
                 log.error("a daemon task crashed; shutting down", task=task.get_name(), exc_info=task.exception())
         self._stop.set()
-        await self._shutdown(poll, stop, tasks)
-
-    async def _shutdown(
-        self, poll: asyncio.Task[None], stop: asyncio.Task[bool], tasks: list[asyncio.Task[None]]
-    ) -> None:
-        """Stop polling, let in-flight deliveries finish up to the deadline, persist, cancel the rest."""
+        self.notifier.stopping()
         log.info("shutting down", deadline=self.config.service.shutdown_timeout)
-        for task in (poll, stop):
+        for task in (poll, stop, watchdog):
             task.cancel()
-        await asyncio.gather(poll, stop, return_exceptions=True)
-        await asyncio.gather(
-            *(w.stop(self.config.service.shutdown_timeout) for w in self.workers.values()), return_exceptions=True
-        )
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(poll, stop, watchdog, return_exceptions=True)
+        # In-flight deliveries get the deadline; whatever is left stays in the outbox for the next start.
+        await self._close_sinks()
         self.store.save_schedule(self.tracker.active())
-        log.info("stopped", delivered={n: w.delivered for n, w in self.workers.items()})
+        log.info("stopped")
+
+    def _publish_status(self) -> None:
+        line = self.status_line()
+        if line != self._last_status:
+            self._last_status = line
+            self.notifier.status(line)
+
+    # -- reload ------------------------------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        """Apply a re-read config; an invalid one leaves the running config in place."""
+        self._reload_requested = False
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            new.check_secrets(self.environ)
+            self._check_reloadable(new)
+        except ConfigError as exc:
+            log.error("config reload rejected; still running the previous config", error=exc.render())
+            self.notifier.ready()
+            return
+        old, self.config = self.config, new
+        intervals, policy, backoff = tracker_settings(new)
+        self.tracker.intervals, self.tracker.policy, self.tracker.backoff = intervals, policy, backoff
+        self._track_configured()
+        if (
+            new.source != old.source
+            or new.poll.max_concurrency != old.poll.max_concurrency
+            or (new.poll.max_requests_per_second != old.poll.max_requests_per_second)
+        ):
+            await self._close_api()
+            await self._open_api()
+        old_sinks, self._sink_configs = self._sink_configs, new.named_sinks()
+        for name in [n for n in old_sinks if old_sinks[n] != self._sink_configs.get(n)]:
+            await self._close_sink(name)
+        for name, sink_config in self._sink_configs.items():
+            if name not in self.workers:
+                await self._open_sink(name, sink_config)
+        if new.log != old.log:
+            configure(new.log.level, new.log.format)
+        self._next_discover = 0.0
+        self.wake()
+        self.notifier.ready()
+        log.info("config reloaded", sinks=list(self.workers), tracking=len(self.tracker.active()))
+
+    def _check_reloadable(self, new: Config) -> None:
+        if new.state.db_path(self.environ) != self.store.path:
+            raise ConfigError(
+                "state.path", "cannot change while running", "restart the service to use another state file"
+            )
+        if new.source.source_name != self.source:
+            raise ConfigError("source.name", "cannot change while running", "restart the service to rename the source")
+        if new.service != self.config.service:
+            raise ConfigError("service", "cannot change while running", "restart the service to rebind the endpoint")
+
+    # -- what the service endpoint and systemd are told ------------------------------------------
+
+    def liveness(self) -> tuple[bool, dict[str, object]]:
+        """Alive while the poll loop keeps ticking (it ticks at least every second)."""
+        age = time.monotonic() - self.health.loop_tick if self.health.loop_tick else None
+        ok = age is not None and age < LOOP_STALL
+        return ok, {"loop_tick_age": None if age is None else round(age, 3)}
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready when the store is open, the credentials are accepted and a poll succeeded recently."""
+        reasons = []
+        if not self.health.store_open:
+            reasons.append("state store is not open")
+        if self.health.auth_failing:
+            reasons.append("the Batch API rejects the credentials")
+        recent = max(3 * self.config.poll.max_interval, 60.0)
+        last = self.health.last_success
+        if self.tracker.active() and (last is None or self.clock() - last > recent):
+            reasons.append(f"no successful poll in the last {recent:g}s")
+        return not reasons, {"reasons": reasons, "last_success": last}
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: tracking, API health and each failing sink."""
+        parts = [f"tracking {len(self.tracker.active())} batches"]
+        if self.health.auth_failing:
+            parts.append("API REJECTS CREDENTIALS")
+        elif self.health.api_failing_since is not None:
+            parts.append("API unreachable")
+        for name, worker in self.workers.items():
+            state = "disabled" if worker.disabled else worker.sink.health()
+            if state != "ok" or worker.sink.__class__.__name__ == "MqttSink":
+                parts.append(f"{name} {state}")
+        return "; ".join(parts)
+
+    def track(self, ids: list[str], origin: str = "api") -> list[str]:
+        """Start tracking ids now; returns those that were added."""
+        added = self.store.track(self.source, ids, origin, self.clock())
+        self.wake()
+        return added
+
+    def untrack(self, ids: list[str]) -> list[str]:
+        removed = self.store.untrack(self.source, ids)
+        for batch_id in removed:
+            self.tracker.batches.pop(batch_id, None)
+        self.wake()
+        return removed
+
+    def batch_view(self, batch: TrackedBatch) -> dict[str, object]:
+        """The control API's and `status`'s view of one tracked batch."""
+        return {
+            "id": batch.id,
+            "source": batch.source,
+            "state": batch.state,
+            "status": batch.knowledge.status,
+            "sequence": batch.knowledge.sequence,
+            "request_counts": (batch.snapshot or {}).get("request_counts"),
+            "created_at": batch.created_at,
+            "updated_at": batch.updated_at,
+            "next_poll_at": batch.next_due if batch.state == ACTIVE and math.isfinite(batch.next_due) else None,
+            "error_streak": batch.error_streak,
+            "origin": batch.origin,
+            "batch": batch.snapshot,
+        }
+
+    def sink_views(self) -> dict[str, dict[str, object]]:
+        stats = self.store.outbox_stats()
+        now = self.clock()
+        views: dict[str, dict[str, object]] = {}
+        for name, worker in self.workers.items():
+            entry = stats.get(name, {})
+            oldest = entry.get("oldest_pending")
+            views[name] = {
+                "kind": self._sink_configs[name].kind,
+                "health": "disabled" if worker.disabled else worker.sink.health(),
+                "pending": entry.get("pending", 0),
+                "dead": entry.get("dead", 0),
+                "oldest_pending_age": None if oldest is None else round(now - oldest, 1),
+                "in_flight": worker.in_flight,
+                "delivered": worker.delivered,
+            }
+        return views
 
     # -- the poll loop -----------------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
         while not self._stop.is_set():
             self.health.loop_tick = time.monotonic()
+            if self._reload_requested:
+                await self._reload()
             self._reload_tracked()
             now = self.clock()
             if self.config.source.discover and now >= self._next_discover and now >= self.health.auth_paused_until:
@@ -224,6 +419,7 @@ class Daemon:
                 self.metrics.poll_lag.set(max(self.clock() - due[0].next_due, 0.0))
                 await self._refresh(due)
             self._prune()
+            self._publish_status()
             await self._idle()
 
     async def _idle(self) -> None:

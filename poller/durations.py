@@ -30,8 +30,8 @@ def parse_duration(value: object) -> float:
             seconds = sum(float(n) * _UNITS[u] for n, u in parts)
     else:
         raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '1h30m'")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
+    if not 0 <= seconds < float("inf"):
+        raise ValueError("a duration must be a finite number of seconds, 0 or more")
     return seconds
 
 

@@ -141,7 +141,7 @@ class Store:
         self.path = path
         if not readonly:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        uri = path.absolute().as_uri() + ("?mode=ro" if readonly else "")
         self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout = 10000")

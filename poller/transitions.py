@@ -144,11 +144,14 @@ def detect(source: str, known: Knowledge, batch: Batch, now: float, policy: Poli
     if warning:
         return Detection(known, warning=warning)
     counts = _counts(batch)
+    entered = known.status != batch.status
     new = replace(
         known,
         status=batch.status,
         seen=seen,
         counts=counts,
+        # a status event carries the counts, so progress is measured from there on
+        progress_counts=counts if entered else known.progress_counts,
         counts_changed_at=now if counts != known.counts or known.counts_changed_at is None else known.counts_changed_at,
     )
     if known.status == batch.status and not is_final(batch.status):

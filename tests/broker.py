@@ -65,6 +65,7 @@ class Mosquitto:
         users: dict[str, str] | None = None,
         tls: tuple[Path, Path, Path] | None = None,
         require_certificate: bool = False,
+        persistence: bool = False,
     ) -> None:
         self.workdir = workdir
         self.binary = binary
@@ -76,7 +77,8 @@ class Mosquitto:
         self.proc: subprocess.Popen[bytes] | None = None
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "persistence false",
+            # With persistence, retained messages and persistent sessions survive a stop/start (saved on SIGTERM).
+            *(["persistence true", f"persistence_location {workdir}/"] if persistence else ["persistence false"]),
             f"user {getpass.getuser()}",  # as root, stay root instead of dropping to `mosquitto`
             "log_dest stderr",
             "log_type all",
@@ -181,6 +183,7 @@ def mosquitto_factory(mosquitto_bin: str, tmp_path: Path) -> Iterator[MosquittoF
         users: dict[str, str] | None = None,
         tls: tuple[Path, Path, Path] | None = None,
         require_certificate: bool = False,
+        persistence: bool = False,
     ) -> Mosquitto:
         broker = Mosquitto(
             tmp_path / f"mosquitto-{len(made)}",
@@ -189,6 +192,7 @@ def mosquitto_factory(mosquitto_bin: str, tmp_path: Path) -> Iterator[MosquittoF
             users=users,
             tls=tls,
             require_certificate=require_certificate,
+            persistence=persistence,
         )
         made.append(broker)
         if start:

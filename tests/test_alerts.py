@@ -42,9 +42,7 @@ def batch(status: str, **extra: Any) -> Batch:
     return Batch.model_validate(raw)
 
 
-def event(
-    event_type: str, status: str, previous: str | None, *, sequence: int, created: int, **extra: Any
-) -> Event:
+def event(event_type: str, status: str, previous: str | None, *, sequence: int, created: int, **extra: Any) -> Event:
     return make_event(
         source="openai",
         batch=batch(status, **extra),
@@ -278,7 +276,10 @@ def test_metadata_never_overrides_the_identifying_labels() -> None:
 
 def test_link_quotes_the_substituted_values() -> None:
     ev = event("batch.failed", "failed", "validating", sequence=2, created=CREATED, id="batch/../x?y")
-    assert alerts.link("https://example.com/{source}/b/{batch_id}", ev) == "https://example.com/openai/b/batch%2F..%2Fx%3Fy"
+    assert (
+        alerts.link("https://example.com/{source}/b/{batch_id}", ev)
+        == "https://example.com/openai/b/batch%2F..%2Fx%3Fy"
+    )
     assert alerts.link(None, ev) is None
 
 

@@ -11,15 +11,15 @@ import base64
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import standardwebhooks
-import structlog
 from aiohttp import web
 from structlog.testing import capture_logs
 
@@ -31,8 +31,9 @@ from poller.errors import ConfigError, DeliveryError
 from poller.events import cloudevent, encode, make_event
 from poller.metrics import Metrics
 from poller.models import Batch, Event
+from poller.records import NewEvent, TrackedBatch
 from poller.sinks.webhook import WebhookSink, classify
-from poller.store import NewEvent, Store, TrackedBatch
+from poller.store import Store
 
 
 def new_secret() -> str:
@@ -171,7 +172,7 @@ def enqueue(store: Store, sink_name: str, events: list[Event]) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> AsyncIterator[Store]:
+def store(tmp_path: Path) -> Iterator[Store]:
     with Store(tmp_path / "state.db") as s:
         yield s
 
@@ -204,11 +205,13 @@ def states(store: Store) -> dict[str, str]:
 
 
 def verify(received: Received, secret: str) -> Any:
-    """Verify with both libraries; returns the parsed body."""
+    """Verify with both libraries (raising if either refuses); returns the parsed body."""
     client = openai.OpenAI(api_key="x", webhook_secret=secret)
-    unwrapped = client.webhooks.unwrap(received.body, received.headers)
     parsed = standardwebhooks.Webhook(secret).verify(received.body, received.headers)
-    assert unwrapped.type == parsed.get("type", unwrapped.type)  # type: ignore[union-attr]
+    if isinstance(parsed, dict):
+        assert client.webhooks.unwrap(received.body, received.headers).type == parsed["type"]
+    else:  # unwrap parses into OpenAI's event types; an Alertmanager list is only verified
+        client.webhooks.verify_signature(received.body, received.headers)
     return parsed
 
 
@@ -233,9 +236,7 @@ def rejects(received: Received, secret: str) -> bool:
 def test_signature_matches_the_reference_library() -> None:
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     body = b'{"type":"batch.completed"}'
-    expected = standardwebhooks.Webhook(secret).sign(
-        "evt_1", __import__("datetime").datetime.fromtimestamp(1674087231, __import__("datetime").UTC), body.decode()
-    )
+    expected = standardwebhooks.Webhook(secret).sign("evt_1", datetime.fromtimestamp(1674087231, UTC), body.decode())
     assert signing.sign([secret], "evt_1", 1674087231, body) == expected
     assert signing.sign([secret, SECRET_OLD], "evt_1", 1674087231, body).split(" ")[0] == expected
 
@@ -251,7 +252,7 @@ def test_malformed_secrets_are_rejected_without_showing_them(secret: str, proble
 
 
 def test_unpadded_secret_is_accepted_like_standardwebhooks_does() -> None:
-    padded = "whsec_" + base64.b64encode(b"0123456789abcdefghijklmnopq").decode()  # 27 bytes: one '='
+    padded = "whsec_" + base64.b64encode(b"0123456789abcdefghijklmnop").decode()  # 26 bytes: one "="
     assert padded.endswith("=")
     assert signing.secret_key(padded.rstrip("=")) == signing.secret_key(padded)
 
@@ -269,7 +270,7 @@ def test_sink_reports_a_malformed_secret_as_config_error() -> None:
 
 
 def test_configured_headers_may_not_replace_the_signature_headers() -> None:
-    with pytest.raises(ConfigError, match="webhook-signature"):
+    with pytest.raises(ConfigError, match=r"(?i)webhook-signature"):
         sink("http://127.0.0.1:9/x", headers={"Webhook-Signature": "v1,forged"})
 
 
@@ -304,7 +305,12 @@ def test_classify(status: int | None, retryable: bool | None, disable: bool, ret
         assert error is None
         return
     assert error is not None
-    assert (error.retryable, error.disable, error.status, error.retry_after) == (retryable, disable, status, retry_after)
+    assert (error.retryable, error.disable, error.status, error.retry_after) == (
+        retryable,
+        disable,
+        status,
+        retry_after,
+    )
 
 
 def test_classify_caps_an_absurd_retry_after() -> None:
@@ -511,7 +517,7 @@ async def test_timeout_error_names_the_limit(endpoint: Endpoint) -> None:
     ev = make("batch_1", "batch.completed", 3)
     async with sink(endpoint.url, timeout=0.3) as webhook:
         started = time.monotonic()
-        with pytest.raises(DeliveryError, match="no response within 0.3s") as info:
+        with pytest.raises(DeliveryError, match=r"no response within 0\.3s") as info:
             await webhook.send(ev, encode(ev))
         assert 0.25 <= time.monotonic() - started < 3.0
     assert info.value.retryable
@@ -556,7 +562,6 @@ async def test_no_secret_reaches_logs_or_errors(endpoint: Endpoint, store: Store
     ev = make("batch_1", "batch.failed", 2, previous="validating")
     enqueue(store, "hook", [ev])
     cfg = {"format": "pagerduty", "routing_key_env": "PD_KEY"}
-    structlog.reset_defaults()
     with capture_logs() as logs:
         async with sink(endpoint.url, **cfg) as webhook:
             with pytest.raises(DeliveryError) as info:
