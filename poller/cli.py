@@ -7,11 +7,13 @@ import asyncio
 import json
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from poller import __version__
-from poller.config import Config, find_config_path, load_config
+from poller.config import Config, find_config_path, load_config, read_secret
 from poller.errors import ApiError, ConfigError
 from poller.logs import configure
 from poller.records import TrackedBatch
@@ -40,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", parents=[common], help="the events recorded for one batch")
     p.add_argument("id", metavar="ID")
     p.add_argument("--json", action="store_true", help="the full events, one per line")
+    p = sub.add_parser("status", parents=[common], help="health, sinks, backlog and tracked batches at a glance")
+    p.add_argument("--json", action="store_true", help="machine-readable")
     sub.add_parser("check-config", parents=[common], help="validate the config and its secrets, then exit")
     p = sub.add_parser("cancel", parents=[common], help="cancel a batch through the API")
     p.add_argument("id", metavar="ID")
@@ -85,6 +89,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if command == "cancel":
         return asyncio.run(_cancel(config, args.id))
+    if command == "status":
+        return _status(config, as_json=args.json)
     with Store(config.state.db_path()) as store:
         return _STORE_COMMANDS[command](args, config.source.source_name, store, time.time())
 
@@ -162,6 +168,53 @@ _STORE_COMMANDS = {
     "deliveries": _cmd_deliveries,
     "redeliver": _cmd_redeliver,
 }
+
+
+def _ask_daemon(config: Config) -> dict[str, Any] | None:
+    """The running daemon's `/v1/status`, or None when no daemon answers."""
+    service = config.service
+    if not service.enabled:
+        return None
+    host = "127.0.0.1" if service.host in {"0.0.0.0", "::", ""} else service.host  # noqa: S104 - wildcard binds
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{service.port}/v1/status"
+    request = urllib.request.Request(url)
+    if service.token_env or service.token_file:
+        token = read_secret("service.token", service.token_env, service.token_file)
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        # the URL is built from our own config and is always http://
+        with urllib.request.urlopen(request, timeout=2) as resp:  # noqa: S310
+            body: dict[str, Any] = json.load(resp)
+            return body
+    except (OSError, ValueError):
+        return None
+
+
+def _status(config: Config, *, as_json: bool) -> int:
+    report = _ask_daemon(config)
+    if report is None:
+        with Store(config.state.db_path()) as store:
+            batches = store.batches(config.source.source_name)
+            tracked: dict[str, int] = {}
+            for b in batches:
+                key = b.knowledge.status or "unknown" if b.state == "active" else b.state
+                tracked[key] = tracked.get(key, 0) + 1
+            report = {"daemon": "not answering", "tracked": tracked, "sinks": store.outbox_stats()}
+    else:
+        report = {"daemon": "running"} | report
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"daemon:  {report['daemon']}" + (f" ({report['status_line']})" if report.get("status_line") else ""))
+    if "ready" in report:
+        reasons = "; ".join(report.get("reasons") or [])
+        print(f"ready:   {'yes' if report['ready'] else 'NO: ' + reasons}")
+    tracked = report.get("tracked") or {}
+    print("tracked: " + (", ".join(f"{n} {s}" for s, n in sorted(tracked.items())) or "none"))
+    for name, sink in (report.get("sinks") or {}).items():
+        health = sink.get("health", "?")
+        print(f"sink {name}: {health}, {sink.get('pending', 0)} pending, {sink.get('dead', 0)} dead")
+    return 0
 
 
 def _bar(done: int, total: int, width: int = 12) -> str:

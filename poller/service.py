@@ -11,7 +11,9 @@ import asyncio
 import hmac
 import json
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -22,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from poller.config import ServiceConfig, read_secret
 from poller.errors import ConfigError
 from poller.metrics import Metrics
-from poller.records import TrackedBatch
+from poller.records import ACTIVE, TrackedBatch
+from poller.store import Store
 
 log = structlog.get_logger("poller.service")
 
@@ -39,15 +42,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class BatchStore(Protocol):
-    """The reads the service makes of the state store (on the event loop: the connection is the daemon's)."""
+    """What the service uses of the daemon's state store: point reads on the loop, and the file for bulk reads."""
 
-    def batches(self, source: str) -> list[TrackedBatch]: ...
+    @property
+    def path(self) -> Path: ...
 
     def batch(self, source: str, batch_id: str) -> TrackedBatch | None: ...
 
 
 class ServiceBackend(Protocol):
-    """Everything the service uses of the daemon; `poller.daemon.Daemon` satisfies it."""
+    """Everything the service uses of the daemon; `poller.daemon.Daemon` satisfies it.
+
+    All of it is called on the event loop, except `batch_view`, which must stay a pure function of its
+    argument: listings build their views in a worker thread.
+    """
 
     @property
     def source(self) -> str: ...
@@ -215,10 +223,8 @@ class Service:
 
     async def _status(self, _: web.Request) -> web.Response:
         ready, detail = self._daemon.readiness()
-        counts: dict[str, int] = {}
-        for batch in self._daemon.store.batches(self._daemon.source):
-            status = batch.knowledge.status or "unknown"
-            counts[status] = counts.get(status, 0) + 1
+        active = await asyncio.to_thread(_read_rows, self._daemon.store.path, self._daemon.source, [ACTIVE])
+        counts = Counter(batch.knowledge.status or "unknown" for batch in active)
         body = {
             "status_line": self._daemon.status_line(),
             "ready": ready,
@@ -229,11 +235,13 @@ class Service:
         return web.json_response(body)
 
     async def _list(self, _: web.Request) -> web.Response:
-        daemon = self._daemon
-        data = [daemon.batch_view(b) for b in daemon.store.batches(daemon.source)]
-        # Views are fresh objects (snapshots are decoded per read), so encoding them off the loop is safe.
-        text = await asyncio.to_thread(json.dumps, {"object": "list", "data": data})
+        text = await asyncio.to_thread(self._listing, self._daemon.store.path, self._daemon.source)
         return web.Response(text=text, content_type="application/json")
+
+    def _listing(self, path: Path, source: str) -> str:
+        """GET /v1/batches's body, built in a worker thread: thousands of rows would stall the poll loop."""
+        data = [self._daemon.batch_view(b) for b in _read_rows(path, source, None)]
+        return json.dumps({"object": "list", "data": data})
 
     async def _retrieve(self, request: web.Request) -> web.Response:
         batch_id = request.match_info["batch_id"]
@@ -260,6 +268,16 @@ class Service:
         if not self._daemon.untrack([batch_id]):
             return _not_tracked(batch_id)
         return web.json_response({"id": batch_id, "object": "batch", "deleted": True})
+
+
+def _read_rows(path: Path, source: str, states: list[str] | None) -> list[TrackedBatch]:
+    """One source's rows, read (in a worker thread) through a read-only connection of its own.
+
+    The daemon's connection belongs to the event loop; the store is in WAL mode, so this reader sees the
+    last commit and never blocks the daemon's writes.
+    """
+    with Store(path, readonly=True) as store:
+        return store.batches(source, states)
 
 
 def _requested_ids(raw: bytes) -> list[str]:
