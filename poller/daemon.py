@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -38,6 +39,9 @@ from poller.sinks.stdout import StdoutSink
 from poller.store import Store
 from poller.tracker import Backoff, Observation, Tracker, Update
 from poller.transitions import Policy, is_final, pruned_event
+
+if TYPE_CHECKING:
+    from poller.service import Service
 
 log = structlog.get_logger("poller.daemon")
 
@@ -135,7 +139,7 @@ class Daemon:
         self._reload_requested = False
         self._last_status = ""
         self.notifier = notifier if notifier is not None else Notifier.from_env(self.environ)
-        self.service: object | None = None
+        self.service: Service | None = None
         self.ready = asyncio.Event()
 
     # -- public surface ----------------------------------------------------------------------------

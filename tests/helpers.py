@@ -23,7 +23,12 @@ FINAL = {"completed", "failed", "expired", "cancelled"}
 
 # Lifecycles of a few simulated minutes; at 30x they finish within seconds.
 FAST_PROFILE = SimProfile(
-    validating_s=(3, 20), in_progress_s=(20, 90), finalizing_s=(3, 20), cancelling_s=(3, 10), p_failed=0.1, p_expired=0.0
+    validating_s=(3, 20),
+    in_progress_s=(20, 90),
+    finalizing_s=(3, 20),
+    cancelling_s=(3, 10),
+    p_failed=0.1,
+    p_expired=0.0,
 )
 
 
@@ -147,7 +152,9 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env | (extra or {})
 
 
-async def start_daemon_process(config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+async def start_daemon_process(
+    config_path: Path, log_path: Path, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     log = log_path.open("ab")
     try:
         return await asyncio.create_subprocess_exec(

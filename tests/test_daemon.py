@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 
+from structlog.testing import capture_logs
+
 from poller.simulator import Fault, serve
 from tests.helpers import (
     FINAL,
@@ -111,8 +113,6 @@ async def test_azure_classic_shape(tmp_path):
 
 
 async def test_rejected_credentials_pause_polling_and_say_so_once(tmp_path):
-    from structlog.testing import capture_logs
-
     sim = fast_sim(speed=0.001, api_keys=("sk-other",))
     async with serve(sim) as url:
         ids = sim.create_batches(4)

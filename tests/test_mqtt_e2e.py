@@ -12,7 +12,7 @@ from typing import Any, Self
 import aiomqtt
 import pytest
 
-from poller.simulator import serve
+from poller.simulator import SimClock, Simulator, serve
 from tests.broker import Mosquitto, MosquittoFactory
 from tests.helpers import (
     FINAL,
@@ -109,6 +109,21 @@ def delivered_ids(path: Path) -> set[str]:
     return {e["id"] for e in read_jsonl(path)}
 
 
+async def start_the_clock(sim: Simulator, recorder: Recorder, ids: list[str], speed: float) -> None:
+    """Let simulated time run once every batch's first event arrived over MQTT.
+
+    The simulator starts (almost) frozen so the daemon sees every batch while it is still validating,
+    however long the daemon takes to start: what the tests compare is then the full lifecycle.
+    """
+
+    def all_seen_validating() -> bool:
+        return {e["data"]["id"] for e in recorder.events() if e["type"] == "batch.validating"} >= set(ids)
+
+    await eventually(all_seen_validating, timeout=30)
+    assert isinstance(sim.clock, SimClock)
+    sim.clock.speed = speed
+
+
 def check_ordered_per_batch(events: list[dict[str, Any]]) -> None:
     by_batch: dict[str, list[int]] = {}
     for event in events:
@@ -118,7 +133,7 @@ def check_ordered_per_batch(events: list[dict[str, Any]]) -> None:
 
 
 async def test_twenty_batches_through_mqtt(mosquitto: Mosquitto, tmp_path: Path) -> None:
-    sim = fast_sim(speed=40)
+    sim = fast_sim(speed=0.001)
     async with serve(sim) as url, Recorder(mosquitto) as recorder:
         ids = sim.create_batches(20)
         events_file = tmp_path / "events.jsonl"
@@ -126,6 +141,7 @@ async def test_twenty_batches_through_mqtt(mosquitto: Mosquitto, tmp_path: Path)
         raw = config_dict(url, tmp_path / "state.db", sinks)
         raw["source"]["track"] = ids
         async with running(make_config(raw)) as daemon:
+            await start_the_clock(sim, recorder, ids, speed=40)
             await eventually(lambda: all(sim.get(i)["status"] in FINAL for i in ids), timeout=60)
             await eventually(lambda: not daemon.store.batches(daemon.source, states=["active"]), timeout=20)
             await eventually(lambda: not daemon.store.deliveries(), timeout=20)
@@ -144,7 +160,7 @@ async def test_twenty_batches_through_mqtt(mosquitto: Mosquitto, tmp_path: Path)
 
 async def test_broker_outage_mid_run_loses_nothing(mosquitto_factory: MosquittoFactory, tmp_path: Path) -> None:
     broker = mosquitto_factory(persistence=True)
-    sim = fast_sim(speed=12, seed=3)
+    sim = fast_sim(speed=0.001, seed=3)
     async with serve(sim) as url, Recorder(broker) as recorder:
         ids = sim.create_batches(20)
         events_file = tmp_path / "events.jsonl"
@@ -153,7 +169,8 @@ async def test_broker_outage_mid_run_loses_nothing(mosquitto_factory: MosquittoF
         raw["source"]["track"] = ids
         async with running(make_config(raw)) as daemon:
             sink = daemon.workers["mqtt"].sink
-            await eventually(lambda: len(recorder.events()) >= 20, timeout=30)
+            await start_the_clock(sim, recorder, ids, speed=12)
+            await eventually(lambda: len(recorder.events()) >= 30, timeout=30)
             broker.stop()
             await eventually(lambda: sink.health() == "failing", timeout=10)
             behind = len(delivered_ids(events_file))
@@ -176,7 +193,7 @@ async def test_broker_outage_mid_run_loses_nothing(mosquitto_factory: MosquittoF
 
 
 async def test_daemon_killed_with_sigkill(mosquitto: Mosquitto, tmp_path: Path) -> None:
-    sim = fast_sim(speed=15, seed=11)
+    sim = fast_sim(speed=0.001, seed=11)
     async with serve(sim) as url, Recorder(mosquitto) as recorder:
         ids = sim.create_batches(12)
         raw = config_dict(url, str(tmp_path / "state.db"), [{"kind": "mqtt", "url": mosquitto.url}])
@@ -186,7 +203,8 @@ async def test_daemon_killed_with_sigkill(mosquitto: Mosquitto, tmp_path: Path) 
 
         proc = await start_daemon_process(config, log)
         try:
-            await eventually(lambda: len(recorder.events()) >= 15, timeout=30)
+            await start_the_clock(sim, recorder, ids, speed=15)
+            await eventually(lambda: len(recorder.events()) >= 20, timeout=30)
         finally:
             proc.send_signal(signal.SIGKILL)
         assert await proc.wait() == -signal.SIGKILL

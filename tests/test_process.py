@@ -27,7 +27,12 @@ from tests.helpers import (
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "poller.cli", *args], capture_output=True, text=True, env=env or cli_env(), timeout=60
+        [sys.executable, "-m", "poller.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env or cli_env(),
+        timeout=60,
     )
 
 
