@@ -31,7 +31,7 @@ class NotifySocket:
         self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(bind_to)
-        self.sock.setblocking(False)
+        self.sock.settimeout(0.0)
         self.messages: list[tuple[float, str]] = []
 
     def drain(self) -> list[str]:
