@@ -458,9 +458,10 @@ class Daemon:
     async def _refresh(self, due: list[TrackedBatch]) -> None:
         """Refresh every due batch, through list pages when that costs fewer requests."""
         remaining = {b.id for b in due}
-        if self.tracker.prefer_list(due):
-            oldest = min(b.created_at for b in due if b.created_at is not None)
-            remaining = await self._walk(targets=remaining, stop_before=oldest, max_pages=len(due) - 1)
+        plan = self.tracker.plan_walk(due)
+        if plan is not None:
+            stop_before, max_pages = plan
+            remaining = await self._walk(targets=remaining, stop_before=stop_before, max_pages=max_pages)
         if remaining:
             await asyncio.gather(*(self._retrieve(batch_id) for batch_id in remaining))
 
@@ -501,10 +502,10 @@ class Daemon:
             items += len(page.batches) + page.rejected
             tracked_seen += sum(1 for b in page.batches if b.id in self.tracker.batches)
             targets -= {b.id for b in page.batches}
-            self._apply(page.batches, discovering=stop_before is None)
+            self._apply(page.batches)
             if page.batches:
                 marks.append(page.batches[-1].created_at)
-            if not page.has_more or not page.last_id or _passed(page, stop_before) or (stop_before and not targets):
+            if not page.has_more or not page.last_id or _passed(page, stop_before) or not targets:
                 break
             after = page.last_id
         self.tracker.learn_walk(marks, items, tracked_seen)
@@ -558,9 +559,8 @@ class Daemon:
         if added:
             log.info("discovered batches", count=len(added))
 
-    def _apply(self, batches: Iterable[Batch], *, discovering: bool = False) -> None:
+    def _apply(self, batches: Iterable[Batch]) -> None:
         """Detect transitions in fetched batches and write them with their outbox rows in one transaction."""
-        del discovering
         now = self.clock()
         updates: list[Update] = []
         for batch in batches:

@@ -164,12 +164,30 @@ class Tracker:
         newer = sum(1 for b in self.batches.values() if b.created_at is not None and b.created_at >= oldest_created_at)
         return max(1, math.ceil(newer * self.density / PAGE_SIZE))
 
+    def plan_walk(self, due: Sequence[TrackedBatch]) -> tuple[int | None, int] | None:
+        """How to refresh `due` through list pages: (stop_before, max_pages), or None to retrieve each.
+
+        A walk stops early once every due batch was seen, and what it missed is retrieved after it, so
+        a plan is chosen only when it costs fewer requests than one retrieve per batch.
+        """
+        count = len(due)
+        if count < 2:
+            return None
+        placed = [b.created_at for b in due if b.created_at is not None]
+        if len(placed) == count:
+            oldest = min(placed)
+            return (oldest, count - 1) if self.pages_needed(oldest) < count else None
+        # Batches never seen yet have no known place in the list, but newly tracked batches are mostly
+        # recent: walk as many pages as they would fill, and only when even a fruitless walk followed
+        # by every retrieve would cost at most 1.5 times the retrieves alone.
+        budget = math.ceil(count * self.density / PAGE_SIZE) + 1
+        if placed:
+            budget = max(budget, self.pages_needed(min(placed)))
+        return (None, budget) if 2 * budget <= count else None
+
     def prefer_list(self, due: Sequence[TrackedBatch]) -> bool:
         """Whether walking list pages costs fewer requests than one retrieve per due batch."""
-        placed = [b.created_at for b in due if b.created_at is not None]
-        if len(placed) < 2:
-            return False
-        return self.pages_needed(min(placed)) < len(placed)
+        return self.plan_walk(due) is not None
 
     def learn_walk(self, marks: list[int], items: int, tracked_seen: int) -> None:
         """Remember the shape of the last walk, so the next plan estimates pages better."""

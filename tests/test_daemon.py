@@ -134,3 +134,16 @@ def _samples(daemon, name):
         for sample in family.samples:
             if sample.name == name:
                 yield sample
+
+
+async def test_first_refresh_of_many_new_ids_walks_the_list(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        ids = sim.create_batches(300, spread=60)
+        raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
+        raw["source"]["track"] = ids
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: all(b.created_at for b in daemon.tracker.batches.values()), timeout=30)
+        requests = sim.stats.as_dict()
+        assert requests["retrieve"] == 0, requests
+        assert requests["list"] <= 4, requests

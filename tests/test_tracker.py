@@ -274,11 +274,21 @@ def test_a_few_of_the_newest_fit_on_one_page() -> None:
     assert tracker.prefer_list(due)
 
 
-def test_only_due_batches_with_known_created_at_count() -> None:
+def test_never_seen_batches_are_walked_only_when_a_fruitless_walk_stays_cheap() -> None:
     tracker = tracker_with_created([T0 + i for i in range(1000)])
-    unplaced = [TrackedBatch(source=SOURCE, id=f"x{i}", origin="cli", added_at=0.0) for i in range(50)]
-    assert not tracker.prefer_list(unplaced)
-    assert not tracker.prefer_list([*unplaced, tracker.batches["b999"]])
+
+    def unplaced(n):
+        return [TrackedBatch(source=SOURCE, id=f"x{i}", origin="cli", added_at=0.0) for i in range(n)]
+
+    # 50 never-seen batches fit on one page: walk up to 2 pages, with no created_at to stop at.
+    assert tracker.plan_walk(unplaced(50)) == (None, 2)
+    # 3 never-seen batches: even one page plus the retrieves after a miss costs more than 3 retrieves.
+    assert tracker.plan_walk(unplaced(3)) is None
+    # Mixed with a placed batch deep in the list, the budget covers reaching it.
+    deep = tracker.batches["b0"]
+    stop_before, pages = tracker.plan_walk([*unplaced(50), deep])
+    assert stop_before is None
+    assert pages >= tracker.pages_needed(T0)
 
 
 @pytest.mark.parametrize(
