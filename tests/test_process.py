@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 
@@ -175,3 +176,45 @@ async def test_rejected_key_logged_loudly_never_printed(tmp_path):
         text = log.read_text()
         assert secret not in text
         assert text.count("REJECTS THE CREDENTIALS") == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_status_asks_the_running_daemon_then_falls_back_to_the_store(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        ids = sim.create_batches(2)
+        raw = config_dict(url, str(tmp_path / "state.db"), [{"kind": "file", "path": str(tmp_path / "e.jsonl")}])
+        raw["source"]["track"] = ids
+        raw["service"] = {"enabled": True, "listen": f"127.0.0.1:{free_port()}"}
+        config = write_toml(tmp_path / "config.toml", raw)
+        proc = await start_daemon_process(config, tmp_path / "daemon.log")
+        try:
+            await eventually(lambda: "running" in cli("status", "--config", str(config)).stdout, timeout=15)
+            await eventually(lambda: "2 validating" in cli("status", "--config", str(config)).stdout, timeout=15)
+            out = cli("status", "--config", str(config)).stdout
+            assert "ready:   yes" in out
+            assert "sink file: ok" in out
+        finally:
+            assert await stop_process(proc) == 0
+        out = cli("status", "--config", str(config)).stdout
+        assert "not answering" in out
+        assert "2 validating" in out
+
+
+async def test_cancel_goes_through_the_api(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        [batch_id] = sim.create_batches(1)
+        config = write_toml(tmp_path / "config.toml", config_dict(url, str(tmp_path / "state.db"), []))
+        result = await asyncio.to_thread(cli, "cancel", batch_id, "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"{batch_id}: cancelling"
+        assert sim.get(batch_id)["status"] == "cancelling"
+        again = await asyncio.to_thread(cli, "cancel", "batch_nope", "--config", str(config))
+        assert again.returncode == 1
+        assert "cancel failed" in again.stderr
