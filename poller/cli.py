@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -83,6 +84,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(config, _config_path(args))
     if command == "check-config":
         config.check_secrets()
+        from poller.daemon import build_sink  # noqa: PLC0415
+
+        for name, sink_config in config.named_sinks().items():
+            build_sink(name, sink_config, dict(os.environ))  # what start-up checks beyond the schema
         sinks = ", ".join(f"{n} ({s.kind})" for n, s in config.named_sinks().items()) or "none"
         print(f"config OK: source {config.source.source_name} at {config.source.base_url}; sinks: {sinks}")
         print(f"state: {config.state.db_path()}")

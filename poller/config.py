@@ -246,6 +246,8 @@ class MqttSinkConfig(_SinkBase):
     def _url(cls, value: str) -> str:
         if not value.startswith(("mqtt://", "mqtts://")):
             raise ValueError("url must be mqtt://host:port or mqtts://host:port")
+        if "@" in value.split("://", 1)[1]:
+            raise ValueError("put no credentials in url: use username and password_env / password_file")
         return value
 
     @field_validator("protocol", mode="before")
@@ -256,6 +258,9 @@ class MqttSinkConfig(_SinkBase):
     @model_validator(mode="after")
     def _check(self) -> Self:
         _secret_pair_check(self, "password", required=False)
+        tls_options = self.ca_file or self.cert_file or self.tls_insecure
+        if tls_options and not self.url.startswith("mqtts://"):
+            raise ValueError("ca_file, cert_file and tls_insecure need an mqtts:// url (TLS is never implied)")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("set both cert_file and key_file for a client certificate, or neither")
         if self.topic_prefix.endswith("/") or any(c in self.topic_prefix for c in "+#"):

@@ -21,15 +21,16 @@ from tests.helpers import (
 
 
 async def test_twenty_batches_every_transition_once_in_order(tmp_path):
-    sim = fast_sim(speed=40)
+    sim = fast_sim(speed=0.001)  # frozen until every batch was seen validating
     async with serve(sim) as url:
         ids = sim.create_batches(20)
         events_file = tmp_path / "events.jsonl"
         raw = config_dict(url, tmp_path / "state.db", [{"kind": "file", "path": str(events_file)}])
         raw["source"]["track"] = ids
         async with running(make_config(raw)) as daemon:
-            await eventually(lambda: ids[0] in {e["data"]["id"] for e in read_jsonl(events_file)})
+            await eventually(lambda: {e["data"]["id"] for e in read_jsonl(events_file)} == set(ids))
             sim.cancel(ids[0])
+            sim.clock.speed = 40
             await eventually(lambda: all(sim.get(i)["status"] in FINAL for i in ids), timeout=60)
             await eventually(lambda: not daemon.store.batches(daemon.source, states=["active"]), timeout=20)
             await eventually(lambda: not daemon.store.deliveries(), timeout=20)

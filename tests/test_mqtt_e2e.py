@@ -233,4 +233,3 @@ async def test_daemon_killed_with_sigkill(mosquitto: Mosquitto, tmp_path: Path) 
         states = await retained_states(mosquitto)
         assert {i: s["status"] for i, s in states.items()} == {i: sim.get(i)["status"] for i in ids}
         assert recorder.availability()[-1] == b"offline"  # and a clean goodbye on SIGTERM
-        assert "password" not in log.read_text().lower()

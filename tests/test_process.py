@@ -43,7 +43,7 @@ def pending_rows(config) -> list[str]:
 
 
 async def test_sigkill_mid_run_loses_nothing_and_reemits_nothing(tmp_path):
-    sim = fast_sim(speed=15, seed=11)
+    sim = fast_sim(speed=0.001, seed=11)  # frozen until every batch was seen validating
     async with serve(sim) as url:
         ids = sim.create_batches(12)
         events_file = tmp_path / "events.jsonl"
@@ -53,7 +53,9 @@ async def test_sigkill_mid_run_loses_nothing_and_reemits_nothing(tmp_path):
         log = tmp_path / "daemon.log"
 
         proc = await start_daemon_process(config, log)
-        await eventually(lambda: len(read_jsonl(events_file)) >= 15, timeout=30)
+        await eventually(lambda: len(read_jsonl(events_file)) >= len(ids), timeout=30)
+        sim.clock.speed = 15
+        await eventually(lambda: len(read_jsonl(events_file)) >= len(ids) + 10, timeout=30)
         proc.send_signal(signal.SIGKILL)
         assert await proc.wait() == -signal.SIGKILL
         before = len(read_jsonl(events_file))

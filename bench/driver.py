@@ -1,0 +1,118 @@
+"""Drive a `Daemon` in this event loop: wait for its first refresh, then force full refreshes on demand.
+
+A full refresh is what `Daemon._poll_loop` does when every tracked batch is due at once: set every
+`next_due` to 0 and wake the loop; it calls `Daemon._refresh(due)` once with all of them. The driver wraps
+that method to learn when the call returned, so nothing polls the tracked set while it is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from bench.common import KEY, KEY_ENV
+from poller.config import Config, parse_config
+from poller.daemon import Daemon
+from poller.records import ACTIVE, TrackedBatch
+from poller.store import Store
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """One call of `Daemon._refresh`: how many batches were due, what it cost, and what was left over."""
+
+    due: int
+    requests: dict[str, int]
+    cpu: float
+    wall: float
+    #: Active batches still due after the refresh (a failed request leaves its batches due).
+    missed: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.requests.values())
+
+
+def pre_track(state: Path, source: str, ids: list[str]) -> None:
+    """Track `ids` in the state file before the daemon starts (as `batch-poller track` would)."""
+    with Store(state) as store:
+        store.track(source, ids, "bench", time.time())
+
+
+class DaemonDriver:
+    """An in-process daemon whose refreshes are observed; use as an async context manager."""
+
+    def __init__(self, raw_config: dict[str, Any]) -> None:
+        self.config: Config = parse_config(raw_config)
+        self.daemon = Daemon(self.config, environ={KEY_ENV: KEY})
+        self._done = asyncio.Event()
+        self._last: tuple[int, float, float] | None = None
+        self._task: asyncio.Task[int] | None = None
+        original: Callable[[list[TrackedBatch]], Awaitable[None]] = self.daemon._refresh
+
+        async def observed(due: list[TrackedBatch]) -> None:
+            cpu, wall = time.process_time(), time.perf_counter()
+            try:
+                await original(due)
+            finally:
+                self._last = (len(due), time.process_time() - cpu, time.perf_counter() - wall)
+                self._done.set()
+
+        self.daemon._refresh = observed  # type: ignore[method-assign]
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self.daemon.run())
+        await asyncio.wait_for(self.daemon.ready.wait(), 60)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.daemon.stop()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 120)
+
+    def _requests(self) -> Counter[str]:
+        api = self.daemon._api
+        return Counter() if api is None else Counter(api.requests)
+
+    def _active(self) -> list[TrackedBatch]:
+        return [b for b in self.daemon.tracker.batches.values() if b.state == ACTIVE]
+
+    async def first_refresh(self, timeout: float = 300.0) -> Refresh:
+        """The refresh of first sight (the daemon's first loop turn finds every tracked batch due).
+
+        Its CPU is the `_refresh` call's own; requests are counted since the daemon started.
+        """
+        await asyncio.wait_for(self._done.wait(), timeout)
+        assert self._last is not None
+        due, cpu, wall = self._last
+        missed = sum(1 for b in self._active() if b.next_due <= 0)
+        return Refresh(due, dict(self._requests()), cpu, wall, missed)
+
+    async def full_refresh(self, timeout: float = 300.0) -> Refresh:
+        """Make every active batch due, wake the loop and wait for the one `_refresh` call that follows.
+
+        CPU and wall time are the whole process's from the wake to the end of that call.
+        """
+        before = self._requests()
+        active = self._active()
+        for batch in active:
+            batch.next_due = 0.0
+        self._done.clear()
+        cpu, wall = time.process_time(), time.perf_counter()
+        # Not `Daemon.wake()`: that also re-reads every tracked row from SQLite, which a due batch does not.
+        self.daemon._wake.set()
+        await asyncio.wait_for(self._done.wait(), timeout)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        assert self._last is not None
+        after = self._requests()
+        after.subtract(before)
+        missed = sum(1 for b in active if b.state == ACTIVE and b.next_due <= 0)
+        return Refresh(self._last[0], {k: v for k, v in after.items() if v}, cpu, wall, missed)

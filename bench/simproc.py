@@ -1,0 +1,66 @@
+"""The simulated Batch API in its own process, so its CPU is never counted against the client measured.
+
+`python -m bench.simproc --batches N --ids-out FILE` creates N batches that stay in progress for hours
+(their request counts keep moving, as real ones do), writes their ids to FILE, serves on a free loopback
+port and prints ``READY <base url>`` once it accepts connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from contextlib import suppress
+from pathlib import Path
+
+from poller.simulator import SimClock, SimProfile, Simulator, serve
+
+#: Every batch is created 5 to 65 minutes ago, is past validation and runs for 11 to 22 more hours: a full
+#: refresh sees only active batches, a share of whose request counts moved since the previous one.
+STEADY = SimProfile(
+    validating_s=(5.0, 60.0),
+    in_progress_s=(40_000.0, 80_000.0),
+    finalizing_s=(5.0, 300.0),
+    p_failed=0.0,
+    p_expired=0.0,
+    requests=(100, 20_000),
+)
+CREATED_AGO = 300.0
+SPREAD = 3600.0
+
+
+def steady_sim(batches: int, seed: int = 1) -> tuple[Simulator, list[str]]:
+    """A simulator holding exactly `batches` active batches (so they are the newest N), and their ids."""
+    sim = Simulator(clock=SimClock(speed=1.0), profile=STEADY, seed=seed)
+    ids = sim.create_batches(batches, created_at=sim.now() - CREATED_AGO, spread=SPREAD)
+    return sim, ids
+
+
+async def _serve(sim: Simulator) -> None:
+    async with serve(sim) as url:
+        sys.stdout.write(f"READY {url}\n")
+        sys.stdout.flush()
+        with suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batches", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--ids-out", type=Path, required=True)
+    args = parser.parse_args()
+    sim, ids = steady_sim(args.batches, args.seed)
+    args.ids_out.write_text(json.dumps(ids))
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(_serve(sim))
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    with suppress(KeyboardInterrupt):
+        loop.run_until_complete(task)
+    loop.close()
+
+
+if __name__ == "__main__":
+    main()
