@@ -1,8 +1,9 @@
 """Drive a `Daemon` in this event loop: wait for its first refresh, then force full refreshes on demand.
 
 A full refresh is what `Daemon._poll_loop` does when every tracked batch is due at once: set every
-`next_due` to 0 and wake the loop; it calls `Daemon._refresh(due)` once with all of them. The driver wraps
-that method to learn when the call returned, so nothing polls the tracked set while it is measured.
+`next_due` to 0 and wake the loop; it refreshes them all in one call (`Refresher.refresh(due)`, formerly
+`Daemon._refresh`). The driver wraps that method, for as long as the daemon runs, to learn when the call
+returned, so nothing polls the tracked set while it is measured. One driver per process at a time.
 """
 
 from __future__ import annotations
@@ -54,19 +55,35 @@ class DaemonDriver:
         self._done = asyncio.Event()
         self._last: tuple[int, float, float] | None = None
         self._task: asyncio.Task[int] | None = None
-        original: Callable[[list[TrackedBatch]], Awaitable[None]] = self.daemon._refresh
+        self._restore: Callable[[], None] | None = None
 
-        async def observed(due: list[TrackedBatch]) -> None:
+    def _observe(self) -> Callable[[], None]:
+        """Wrap the refresh entry point (`Refresher.refresh`, or `Daemon._refresh` in older layouts)."""
+        owner: Any = Daemon
+        name = "_refresh"
+        try:
+            from poller.refresh import Refresher  # noqa: PLC0415 - the module exists in newer layouts
+
+            owner, name = Refresher, "refresh"
+        except ImportError:
+            pass
+        original: Callable[[Any, list[TrackedBatch]], Awaitable[None]] = getattr(owner, name)
+        driver = self
+
+        async def observed(this: Any, due: list[TrackedBatch]) -> None:
             cpu, wall = time.process_time(), time.perf_counter()
             try:
-                await original(due)
+                await original(this, due)
             finally:
-                self._last = (len(due), time.process_time() - cpu, time.perf_counter() - wall)
-                self._done.set()
+                driver._last = (len(due), time.process_time() - cpu, time.perf_counter() - wall)
+                driver._done.set()
 
-        self.daemon._refresh = observed  # type: ignore[method-assign]
+        setattr(owner, name, observed)
+        return lambda: setattr(owner, name, original)
 
     async def __aenter__(self) -> Self:
+        # Patched before the daemon starts: its poll loop runs its first turn before `ready` wakes us.
+        self._restore = self._observe()
         self._task = asyncio.create_task(self.daemon.run())
         await asyncio.wait_for(self.daemon.ready.wait(), 60)
         return self
@@ -75,8 +92,12 @@ class DaemonDriver:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.daemon.stop()
-        if self._task is not None:
-            await asyncio.wait_for(self._task, 120)
+        try:
+            if self._task is not None:
+                await asyncio.wait_for(self._task, 120)
+        finally:
+            if self._restore is not None:
+                self._restore()
 
     def _requests(self) -> Counter[str]:
         api = self.daemon._api

@@ -20,7 +20,12 @@ def text_line(event: Event) -> str:
     progress = f"{counts.get('completed', 0)}/{counts.get('total', 0)} done" if counts.get("total") else ""
     if counts.get("failed"):
         progress += f", {counts['failed']} failed"
-    arrow = f"{data.previous_status} → {data.status}" if data.previous_status != data.status else data.status
+    if data.previous_status is None:
+        arrow = f"{data.status} (first seen)"
+    elif data.previous_status != data.status:
+        arrow = f"{data.previous_status} → {data.status}"
+    else:
+        arrow = data.status
     return f"{when}  {data.id:<32} {event.type:<22} {arrow:<26} {progress}".rstrip()
 
 

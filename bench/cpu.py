@@ -1,0 +1,153 @@
+"""Benchmark 2, CPU per refresh: client CPU seconds per 10,000 batch refreshes.
+
+The simulator runs in its own process (`bench.simproc`, 10,000 active batches whose request counts keep
+moving), so only the client's CPU is counted. Each client runs in a fresh process of its own and measures
+itself with `time.process_time()` (user + system, all threads):
+
+- batch-poller: a `Daemon` with production logging (JSON lines, into /dev/null) and its SQLite state,
+  tracking the 10,000 batches; after first sight, three forced full refreshes (every batch due at once),
+  each measured from the wake-up to the end of the refresh: list pages, parsing, detection, the state
+  writes for batches whose counts moved;
+- the alternative: a plain loop over the official SDK, ``await AsyncOpenAI().batches.retrieve(id)`` for
+  each of the 10,000 ids (keeping the latest object per id), three passes after one warm-up request.
+
+The figure is the median pass, scaled to 10,000 batches; the ratio is batch-poller / SDK loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import KEY, Row, Section, median, poller_config, ratio, run_json_child, sim_process, workdir
+
+BATCHES = 10_000
+REPS = 3
+TARGET = 0.3
+
+
+def run(ctx: dict[str, Any]) -> Section:
+    section = Section("CPU per refresh")
+    with workdir("cpu") as tmp, sim_process(BATCHES, tmp) as sim:
+        ids_file = tmp / "ids.json"
+        ids_file.write_text(json.dumps(sim.ids))
+        poller = run_json_child("bench.cpu", "poller", sim.url, str(ids_file), str(tmp / "state.db"))
+        sdk = run_json_child("bench.cpu", "sdk", sim.url, str(ids_file))
+    ctx["sdk_maxrss_mb"] = sdk["maxrss_mb"]
+    ctx["poller_inproc_maxrss_mb"] = poller["maxrss_mb"]
+    per = BATCHES / poller["batches"]
+    poller_cpu = median(poller["cpu"]) * per
+    sdk_cpu = median(sdk["cpu"]) * BATCHES / sdk["batches"]
+    r = poller_cpu / sdk_cpu
+    section.rows.append(
+        Row(
+            "CPU s per 10,000 batch refreshes (client process)",
+            f"{poller_cpu:.2f} s",
+            f"{sdk_cpu:.2f} s (openai SDK retrieve loop)",
+            ratio(poller_cpu, sdk_cpu),
+            f"≤ {TARGET}",
+            r <= TARGET,
+        )
+    )
+    first_cpu = poller["first_cpu"] * per
+    section.rows.append(
+        Row(
+            "CPU s for first sight of 10,000 batches",
+            f"{first_cpu:.2f} s",
+            f"{sdk_cpu:.2f} s (one SDK pass)",
+            ratio(first_cpu, sdk_cpu),
+            "(informational)",
+        )
+    )
+    section.notes += [
+        f"batch-poller passes (CPU s): {', '.join(f'{c:.2f}' for c in poller['cpu'])}; wall "
+        f"{', '.join(f'{w:.2f}' for w in poller['wall'])} s; requests per pass "
+        f"{', '.join(str(q) for q in poller['requests'])}; state rows written per pass (batches whose "
+        f"snapshot changed) {', '.join(str(u) for u in poller['changed'])}.",
+        f"batch-poller first sight: {poller['first_cpu']:.2f} CPU s, {poller['first_wall']:.2f} s wall, "
+        f"{poller['first_requests']} requests.",
+        f"SDK loop passes (CPU s): {', '.join(f'{c:.2f}' for c in sdk['cpu'])}; wall "
+        f"{', '.join(f'{w:.2f}' for w in sdk['wall'])} s; {sdk['batches']:,} retrieves per pass "
+        f"(openai {sdk['version']}).",
+    ]
+    return section
+
+
+# -- the measured children -----------------------------------------------------------------------------
+
+
+async def _poller(url: str, ids: list[str], state: Path) -> dict[str, Any]:
+    from bench.common import devnull_logging  # noqa: PLC0415
+    from bench.driver import DaemonDriver, pre_track  # noqa: PLC0415
+
+    devnull_logging("info")
+    pre_track(state, "openai", ids)
+    hour = "1h"
+    config = poller_config(
+        url, state, validating=hour, in_progress=hour, finalizing=hour, cancelling=hour, max_interval=hour
+    )
+    cpu, wall, requests, changed = [], [], [], []
+    async with DaemonDriver(config) as driver:
+        first = await driver.first_refresh()
+        for _ in range(REPS):
+            before = driver.daemon.store._db.total_changes
+            refresh = await driver.full_refresh()
+            if refresh.missed:
+                raise RuntimeError(f"{refresh.missed} batches were not refreshed")
+            changed.append(driver.daemon.store._db.total_changes - before)
+            cpu.append(refresh.cpu)
+            wall.append(refresh.wall)
+            requests.append(refresh.total)
+    return {
+        "batches": len(ids),
+        "cpu": cpu,
+        "wall": wall,
+        "requests": requests,
+        "changed": changed,
+        "first_cpu": first.cpu,
+        "first_wall": first.wall,
+        "first_requests": first.total,
+    }
+
+
+async def _sdk(url: str, ids: list[str]) -> dict[str, Any]:
+    import openai  # noqa: PLC0415
+
+    client = openai.AsyncOpenAI(api_key=KEY, base_url=url, max_retries=0)
+    latest: dict[str, Any] = {}
+    await client.batches.retrieve(ids[0])  # warm-up: connection, lazy imports
+    cpu, wall = [], []
+    for _ in range(REPS):
+        started_cpu, started = time.process_time(), time.perf_counter()
+        for batch_id in ids:
+            latest[batch_id] = await client.batches.retrieve(batch_id)
+        cpu.append(time.process_time() - started_cpu)
+        wall.append(time.perf_counter() - started)
+    await client.close()
+    return {"batches": len(ids), "cpu": cpu, "wall": wall, "version": openai.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one measured client of the CPU benchmark")
+    parser.add_argument("client", choices=["poller", "sdk"])
+    parser.add_argument("url")
+    parser.add_argument("ids", type=Path)
+    parser.add_argument("state", type=Path, nargs="?")
+    args = parser.parse_args()
+    ids: list[str] = json.loads(args.ids.read_text())
+    if args.client == "poller":
+        result = asyncio.run(_poller(args.url, ids, args.state))
+    else:
+        result = asyncio.run(_sdk(args.url, ids))
+    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The stdout sink writes exactly the canonical bytes (json) or one readable line per event (text)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from poller.errors import DeliveryError
+from poller.events import encode, make_event
+from poller.models import Batch
+from poller.sinks.stdout import StdoutSink
+
+
+def event(status: str, previous: str | None, counts: tuple[int, int, int] | None = None):
+    raw = {
+        "id": "batch_1",
+        "object": "batch",
+        "endpoint": "/v1/chat/completions",
+        "input_file_id": "file_1",
+        "completion_window": "24h",
+        "created_at": 1_700_000_000,
+        "status": status,
+    }
+    if counts:
+        raw["request_counts"] = dict(zip(("completed", "failed", "total"), counts, strict=True))
+    batch = Batch.model_validate(raw)
+    return make_event(
+        source="openai",
+        batch=batch,
+        event_type=f"batch.{status}",
+        status=status,
+        previous_status=previous,
+        sequence=1,
+        created_at=1_700_000_000,
+        detected_at=1_700_000_000.5,
+    )
+
+
+async def test_json_lines_are_the_canonical_payload():
+    stream = io.BytesIO()
+    async with StdoutSink("out", stream) as sink:
+        for e in (event("validating", None), event("in_progress", "validating")):
+            await sink.send(e, encode(e))
+    lines = stream.getvalue().splitlines()
+    assert lines == [encode(event("validating", None)), encode(event("in_progress", "validating"))]
+
+
+@pytest.mark.parametrize(
+    ("status", "previous", "counts", "expected"),
+    [
+        ("validating", None, None, "validating (first seen)"),
+        ("in_progress", "validating", (5, 0, 10), "validating → in_progress"),
+        ("in_progress", "in_progress", (5, 1, 10), "5/10 done, 1 failed"),
+    ],
+)
+async def test_text_lines_are_readable(status, previous, counts, expected):
+    stream = io.BytesIO()
+    async with StdoutSink("out", stream, text=True) as sink:
+        e = event(status, previous, counts)
+        await sink.send(e, encode(e))
+    line = stream.getvalue().decode()
+    assert line.count("\n") == 1
+    assert "batch_1" in line
+    assert expected in line
+
+
+async def test_a_closed_stream_is_a_retryable_outage():
+    stream = io.BytesIO()
+    async with StdoutSink("out", stream) as sink:
+        stream.close()
+        e = event("validating", None)
+        with pytest.raises(DeliveryError) as info:
+            await sink.send(e, encode(e))
+    assert info.value.retryable
