@@ -449,7 +449,9 @@ class Daemon:
     def _reload_tracked(self) -> None:
         version = self.store.data_version()
         if version != self._data_version:
+            # Another process wrote: tracked ids may have changed, and `redeliver` may have re-queued rows.
             self._data_version = version
+            self._wake_workers()
             self.tracker.load(self.store.batches(self.source, states=[ACTIVE]))
             counts: dict[str, int] = {}
             for batch in self.tracker.active():
@@ -465,7 +467,8 @@ class Daemon:
         now = self.clock()
         if now < self._next_prune:
             return
-        self._next_prune = now + PRUNE_EVERY
+        # Prune a few times per retention period, but never more often than every second.
+        self._next_prune = now + min(PRUNE_EVERY, max(self.config.poll.retention / 4, 1.0))
         for tracked in self.store.prune(now - self.config.poll.retention):
             self.tracker.batches.pop(tracked.id, None)
             if tracked.snapshot is None:

@@ -148,3 +148,20 @@ async def test_first_refresh_of_many_new_ids_walks_the_list(tmp_path):
         requests = sim.stats.as_dict()
         assert requests["retrieve"] == 0, requests
         assert requests["list"] <= 4, requests
+
+
+async def test_final_batches_are_pruned_after_retention_and_sinks_told_only_if_they_keep_state(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        [batch_id] = sim.create_batches(1, outcome="failed")
+        events_file = tmp_path / "events.jsonl"
+        raw = config_dict(url, tmp_path / "state.db", [{"kind": "file", "path": str(events_file)}], retention="2s")
+        raw["source"]["track"] = [batch_id]
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: len(read_jsonl(events_file)) == 1)  # first seen: validating
+            sim.clock.speed = 1000
+            await eventually(lambda: daemon.store.batches(daemon.source, states=["final"]) != [], timeout=10)
+            await eventually(lambda: daemon.store.batch(daemon.source, batch_id) is None, timeout=10)
+            # Its delivered events age out with it; the file sink never saw the internal prune notice.
+            assert daemon.store.events_for(daemon.source, batch_id) == []
+        assert [e["type"] for e in read_jsonl(events_file)] == ["batch.validating", "batch.failed"]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from aiohttp import web
 
 from poller.simulator import serve
 from tests.helpers import (
@@ -220,3 +221,47 @@ async def test_cancel_goes_through_the_api(tmp_path):
         again = await asyncio.to_thread(cli, "cancel", "batch_nope", "--config", str(config))
         assert again.returncode == 1
         assert "cancel failed" in again.stderr
+
+
+async def test_dead_letter_then_redeliver_from_the_cli(tmp_path):
+    accept = asyncio.Event()
+    received: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.json()
+        if not accept.is_set():
+            return web.json_response({"error": "schema mismatch"}, status=400)
+        received.append(body["id"])
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    sim = fast_sim(speed=0.001)
+    try:
+        async with serve(sim) as url:
+            [batch_id] = sim.create_batches(1)
+            sink = {"kind": "webhook", "name": "hook", "url": f"http://127.0.0.1:{port}/hook"}
+            raw = config_dict(url, str(tmp_path / "state.db"), [sink])
+            raw["source"]["track"] = [batch_id]
+            config = write_toml(tmp_path / "config.toml", raw)
+            proc = await start_daemon_process(config, tmp_path / "daemon.log")
+            try:
+
+                def dead() -> str:
+                    return cli("deliveries", "--dead", "--config", str(config)).stdout
+
+                await eventually(lambda: "dead" in dead() and batch_id in dead(), timeout=15)
+                assert "HTTP 400" in dead()
+                accept.set()
+                result = await asyncio.to_thread(cli, "redeliver", "--all-dead", "--config", str(config))
+                assert result.stdout.strip() == "re-queued 1 delivery"
+                await eventually(lambda: len(received) == 1, timeout=10)
+                assert "no pending or dead deliveries" in cli("deliveries", "--config", str(config)).stdout
+            finally:
+                assert await stop_process(proc) == 0
+    finally:
+        await runner.cleanup()
