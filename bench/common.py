@@ -161,26 +161,30 @@ class SimProcess:
 
 
 @contextlib.contextmanager
-def sim_process(batches: int, tmp: Path, *, seed: int = 1) -> Iterator[SimProcess]:
-    """Start `python -m bench.simproc` with `batches` steady in-progress batches; stopped on exit."""
-    ids_file = tmp / f"sim-ids-{batches}.json"
-    log = (tmp / "simulator.log").open("ab")
+def ready_child(module: str, args: Sequence[str], log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start `python -m module args`, wait for its ``READY <url>`` line; yield (process, url); stop on exit."""
+    log = log_path.open("ab")
     proc = subprocess.Popen(
-        [PYTHON, "-m", "bench.simproc", "--batches", str(batches), "--seed", str(seed), "--ids-out", str(ids_file)],
-        cwd=ROOT,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=log,
+        [PYTHON, "-m", module, *args], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=log
     )
     log.close()
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode().strip()
         if not line.startswith("READY "):
-            raise RuntimeError(f"simulator did not start (exit {proc.poll()}): {line!r}")
-        yield SimProcess(proc, line.split()[1], json.loads(ids_file.read_text()))
+            raise RuntimeError(f"{module} did not start (exit {proc.poll()}): {line!r}; see {log_path}")
+        yield proc, line.split()[1]
     finally:
         stop_process(proc)
+
+
+@contextlib.contextmanager
+def sim_process(batches: int, tmp: Path, *, seed: int = 1) -> Iterator[SimProcess]:
+    """Start `python -m bench.simproc` with `batches` steady in-progress batches; stopped on exit."""
+    ids_file = tmp / f"sim-ids-{batches}.json"
+    args = ["--batches", str(batches), "--seed", str(seed), "--ids-out", str(ids_file)]
+    with ready_child("bench.simproc", args, tmp / "simulator.log") as (proc, url):
+        yield SimProcess(proc, url, json.loads(ids_file.read_text()))
 
 
 # -- Mosquitto ---------------------------------------------------------------------------------------

@@ -124,18 +124,22 @@ class DeliveryWorker:
         self._wake.set()
 
     async def _sleep(self) -> None:
-        due = self.store.next_attempt_at(self.sink.name)
-        timeout = 5.0 if due is None else min(max(due - self.clock(), 0.0), 5.0)
-        if due is not None and timeout == 0.0 and len(self._in_flight) >= self.sink.max_in_flight:
-            timeout = 5.0  # full: a finishing send wakes us
-        elif due is not None and timeout == 0.0:
-            timeout = 0.05  # due rows whose batch is in flight: look again shortly
+        """Until new rows, a finished send, or the next retry comes due (at most 5 s, as a safety net)."""
+        timeout = 5.0
+        if len(self._in_flight) < self.sink.max_in_flight:
+            due = self.store.next_ready_at(self.sink.name, set(self._in_flight))
+            if due is not None:
+                timeout = min(max(due - self.clock(), 0.0), 5.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _deliver(self, row: OutboxRow) -> None:
         name = self.sink.name
-        event = decode(row.payload)
+        try:
+            event = decode(row.payload)
+        except ValueError as exc:  # a stored payload this version cannot read: never retry it in a loop
+            self._record_failure(row, DeliveryError(name, f"stored event does not decode: {exc}", retryable=False))
+            return
         try:
             await self.sink.send(event, row.payload)
         except DeliveryError as exc:

@@ -64,9 +64,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at REAL NOT NULL DEFAULT 0,
     last_error TEXT,
     updated_at REAL,
+    -- Set only on the head of a batch's queue (its lowest pending sequence): when it may be sent next.
+    ready_at REAL,
     PRIMARY KEY (sink, event_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (sink, state, source, batch_id, sequence);
+CREATE INDEX IF NOT EXISTS outbox_ready ON outbox (sink, ready_at) WHERE ready_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -288,10 +291,12 @@ class Store:
             )
             if not cur.rowcount:
                 continue  # recorded before: never enqueue the same event twice
+            # The new row heads its batch's queue only if nothing of that batch is pending for the sink.
             db.executemany(
-                "INSERT OR IGNORE INTO outbox (sink, event_id, source, batch_id, sequence, enqueued_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(sink, ev.id, source, batch_id, ev.sequence, now) for sink in ev.sinks],
+                "INSERT OR IGNORE INTO outbox (sink, event_id, source, batch_id, sequence, enqueued_at, ready_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM outbox WHERE sink = ? AND source = ?"
+                " AND batch_id = ? AND state = 'pending') THEN NULL ELSE 0 END)",
+                [(sink, ev.id, source, batch_id, ev.sequence, now, sink, source, batch_id) for sink in ev.sinks],
             )
             enqueued += len(ev.sinks)
         return enqueued
@@ -343,69 +348,87 @@ class Store:
     # -- outbox ----------------------------------------------------------------------------------
 
     def due_heads(self, sink: str, now: float, busy: set[tuple[str, str]], limit: int) -> list[OutboxRow]:
-        """The oldest pending row of each batch for `sink`, if it is due and its batch is not in flight.
+        """The head row of each batch's queue for `sink` that is due and whose batch is not in flight.
 
-        Per batch only the head is ever returned, so a batch's events go out strictly in sequence order.
+        Only a batch's lowest pending sequence is ever a head, so a batch's events go out strictly in
+        order. Costs an index range scan of at most `limit + len(busy)` rows, whatever the backlog.
         """
         rows = self._db.execute(
-            "SELECT o.sink, o.event_id, o.source, o.batch_id, o.sequence, o.attempts, o.next_attempt_at,"
-            " o.enqueued_at, e.payload"
-            " FROM (SELECT source, batch_id, MIN(sequence) AS seq FROM outbox"
-            "       WHERE sink = ? AND state = 'pending' GROUP BY source, batch_id) h"
-            " JOIN outbox o ON o.sink = ? AND o.source = h.source AND o.batch_id = h.batch_id"
-            "      AND o.sequence = h.seq AND o.state = 'pending'"
-            " JOIN events e ON e.id = o.event_id"
-            " WHERE o.next_attempt_at <= ? ORDER BY o.enqueued_at, o.sequence",
-            (sink, sink, now),
+            "SELECT o.sink, o.event_id, o.source, o.batch_id, o.sequence, o.attempts, o.enqueued_at, e.payload"
+            " FROM outbox o JOIN events e ON e.id = o.event_id"
+            " WHERE o.sink = ? AND o.ready_at IS NOT NULL AND o.ready_at <= ?"
+            " ORDER BY o.ready_at, o.enqueued_at LIMIT ?",
+            (sink, now, limit + len(busy)),
         )
-        out: list[OutboxRow] = []
-        for r in rows:
-            if (r["source"], r["batch_id"]) in busy:
-                continue
-            out.append(
-                OutboxRow(
-                    sink=r["sink"],
-                    event_id=r["event_id"],
-                    source=r["source"],
-                    batch_id=r["batch_id"],
-                    sequence=r["sequence"],
-                    attempts=r["attempts"],
-                    payload=r["payload"].encode(),
-                    enqueued_at=r["enqueued_at"],
-                )
+        out = [
+            OutboxRow(
+                sink=r["sink"],
+                event_id=r["event_id"],
+                source=r["source"],
+                batch_id=r["batch_id"],
+                sequence=r["sequence"],
+                attempts=r["attempts"],
+                payload=r["payload"].encode(),
+                enqueued_at=r["enqueued_at"],
             )
-            if len(out) >= limit:
-                break
-        return out
+            for r in rows
+            if (r["source"], r["batch_id"]) not in busy
+        ]
+        return out[:limit]
 
-    def next_attempt_at(self, sink: str) -> float | None:
-        row = self._db.execute(
-            "SELECT MIN(next_attempt_at) FROM outbox WHERE sink = ? AND state = 'pending'", (sink,)
-        ).fetchone()
-        return None if row[0] is None else float(row[0])
+    def next_ready_at(self, sink: str, busy: set[tuple[str, str]] | None = None) -> float | None:
+        """When the earliest head not in flight may be sent; None when every head is in flight or none waits."""
+        busy = busy or set()
+        rows = self._db.execute(
+            "SELECT source, batch_id, ready_at FROM outbox WHERE sink = ? AND ready_at IS NOT NULL"
+            " ORDER BY ready_at LIMIT ?",
+            (sink, len(busy) + 1),
+        )
+        for r in rows:
+            if (r["source"], r["batch_id"]) not in busy:
+                return float(r["ready_at"])
+        return None
+
+    @staticmethod
+    def _promote(db: sqlite3.Connection, sink: str, source: str, batch_id: str) -> None:
+        """Make the lowest pending sequence of a batch the head of its queue (due at its next attempt)."""
+        db.execute(
+            "UPDATE outbox SET ready_at = next_attempt_at WHERE sink = ? AND event_id = (SELECT event_id FROM"
+            " outbox WHERE sink = ? AND source = ? AND batch_id = ? AND state = 'pending'"
+            " ORDER BY sequence, enqueued_at LIMIT 1)",
+            (sink, sink, source, batch_id),
+        )
+
+    def _finish(self, sink: str, event_ids: Sequence[str], state: str, error: str | None, now: float) -> None:
+        with self._tx() as db:
+            for event_id in event_ids:
+                row = db.execute(
+                    "SELECT source, batch_id FROM outbox WHERE sink = ? AND event_id = ?", (sink, event_id)
+                ).fetchone()
+                if row is None:
+                    continue
+                db.execute(
+                    "UPDATE outbox SET state = ?, attempts = attempts + 1, updated_at = ?, last_error = ?,"
+                    " ready_at = NULL WHERE sink = ? AND event_id = ?",
+                    (state, now, error, sink, event_id),
+                )
+                self._promote(db, sink, row["source"], row["batch_id"])
 
     def mark_delivered(self, sink: str, event_ids: Sequence[str], now: float) -> None:
-        with self._tx() as db:
-            db.executemany(
-                "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, updated_at = ?, last_error = NULL"
-                " WHERE sink = ? AND event_id = ?",
-                [(now, sink, eid) for eid in event_ids],
-            )
-
-    def mark_retry(self, sink: str, event_id: str, next_attempt_at: float, error: str, now: float) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?, updated_at = ?"
-                " WHERE sink = ? AND event_id = ?",
-                (next_attempt_at, error[:500], now, sink, event_id),
-            )
+        """The sink acknowledged these rows; the next row of each batch becomes its head."""
+        self._finish(sink, event_ids, "delivered", None, now)
 
     def mark_dead(self, sink: str, event_id: str, error: str, now: float) -> None:
+        """Dead-letter a row (kept for `deliveries` and `redeliver`); the batch's next row goes ahead."""
+        self._finish(sink, [event_id], "dead", error[:500], now)
+
+    def mark_retry(self, sink: str, event_id: str, next_attempt_at: float, error: str, now: float) -> None:
+        """A failed attempt: the row stays its batch's head and is due again at `next_attempt_at`."""
         with self._tx() as db:
             db.execute(
-                "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?, updated_at = ?"
-                " WHERE sink = ? AND event_id = ?",
-                (error[:500], now, sink, event_id),
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, ready_at = ?, last_error = ?,"
+                " updated_at = ? WHERE sink = ? AND event_id = ?",
+                (next_attempt_at, next_attempt_at, error[:500], now, sink, event_id),
             )
 
     def deliveries(self, sink: str | None = None, states: Sequence[str] = ("pending", "dead")) -> list[Delivery]:
@@ -422,19 +445,28 @@ class Store:
         return [Delivery(*tuple(r)) for r in rows]
 
     def redeliver(self, sink: str | None, event_id: str | None, now: float) -> int:
-        """Put dead (or, for one named event, delivered) rows back in the queue; returns how many."""
-        sql = "UPDATE outbox SET state = 'pending', next_attempt_at = 0, updated_at = ?, attempts = 0 WHERE "
-        args: list[Any] = [now]
-        if event_id is not None:
-            sql += "event_id = ? AND state IN ('dead', 'delivered')"
-            args.append(event_id)
-        else:
-            sql += "state = 'dead'"
+        """Put dead (or, for one named event, delivered) rows back in the queue; returns how many.
+
+        A re-queued row goes back into its batch's sequence order, ahead of anything later still pending.
+        """
+        where = "event_id = ? AND state IN ('dead', 'delivered')" if event_id is not None else "state = 'dead'"
+        args: list[Any] = [event_id] if event_id is not None else []
         if sink is not None:
-            sql += " AND sink = ?"
+            where += " AND sink = ?"
             args.append(sink)
         with self._tx() as db:
-            return db.execute(sql, args).rowcount
+            queues = db.execute("SELECT DISTINCT sink, source, batch_id FROM outbox WHERE " + where, args).fetchall()
+            count = db.execute(
+                "UPDATE outbox SET state = 'pending', next_attempt_at = 0, updated_at = ?, attempts = 0 WHERE " + where,
+                [now, *args],
+            ).rowcount
+            for q in queues:
+                db.execute(
+                    "UPDATE outbox SET ready_at = NULL WHERE sink = ? AND source = ? AND batch_id = ?",
+                    (q["sink"], q["source"], q["batch_id"]),
+                )
+                self._promote(db, q["sink"], q["source"], q["batch_id"])
+        return count
 
     def outbox_stats(self) -> dict[str, dict[str, Any]]:
         """Per sink: pending and dead counts and the oldest pending row's enqueue time."""

@@ -169,7 +169,9 @@ def test_a_head_not_yet_due_blocks_its_batch(store: Store) -> None:
     store.mark_retry("mqtt", "evt_a_1", NOW + 60, "503 from broker", NOW)
 
     assert heads(store, now=NOW) == [("b", 1)]  # a's second event must not overtake its first
-    assert store.next_attempt_at("mqtt") == 0.0
+    assert store.next_ready_at("mqtt") == 0.0  # b's head
+    # With b in flight, the worker's next wake is a's retry, not a's second row queued behind it.
+    assert store.next_ready_at("mqtt", {(SRC, "b")}) == NOW + 60
     assert sorted(heads(store, now=NOW + 60)) == [("a", 1), ("b", 1)]
     [delivery] = [d for d in store.deliveries("mqtt") if d.event_id == "evt_a_1"]
     assert delivery.attempts == 1
@@ -318,3 +320,18 @@ def test_real_knowledge_has_every_field() -> None:
     assert known.progress_counts is not None
     assert known.stalled_at_counts is not None
     assert known.expiring_sent
+
+
+def test_heads_stay_cheap_with_a_large_backlog(store: Store) -> None:
+    """due_heads reads only heads through an index: a deep queue behind one batch costs nothing."""
+    enqueue(store, "deep", *[event("deep", i) for i in range(1, 2001)])
+    enqueue(store, "b", event("b", 1))
+    plan = store._db.execute(
+        "EXPLAIN QUERY PLAN SELECT o.event_id FROM outbox o JOIN events e ON e.id = o.event_id"
+        " WHERE o.sink = ? AND o.ready_at IS NOT NULL AND o.ready_at <= ? ORDER BY o.ready_at, o.enqueued_at LIMIT ?",
+        ("mqtt", NOW, 10),
+    ).fetchall()
+    assert any("outbox_ready" in row[3] for row in plan), plan
+    assert sorted(heads(store)) == [("b", 1), ("deep", 1)]
+    store.mark_delivered("mqtt", ["evt_deep_1"], NOW)
+    assert sorted(heads(store)) == [("b", 1), ("deep", 2)]

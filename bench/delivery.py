@@ -1,0 +1,267 @@
+"""Benchmark 4, delivery: a burst of 5,000 events through the durable outbox, to MQTT and to a webhook.
+
+A real `batch-poller run` process sees 5,000 batches for the first time: one event each, detected page by
+page (50 list pages) and written to the outbox in the same transactions as the batch rows; its delivery
+worker sends them to one sink: a private Mosquitto (QoS 1, the event and the retained state message, so
+two PUBACKs per event) or a local aiohttp receiver answering 204 (signed requests). Latency per event is
+from detection (`events.detected_at`) to the acknowledgement (`outbox.updated_at`, written when the sink
+returned); throughput is events / (last acknowledgement - first detection).
+
+The alternative publishes the same 5,000 payloads with no outbox, from a process of its own: raw aiomqtt
+(the same two QoS 1 messages per event, as many in flight as the sink allows) and raw aiohttp POSTs (as
+many concurrent as the sink allows). All payloads are ready when its clock starts, so its latency is
+from that start. Target: outbox throughput ≥ 0.5 of raw MQTT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    ROOT,
+    Mosquitto,
+    Row,
+    Section,
+    child_env,
+    free_port,
+    percentile,
+    poller_config,
+    ratio,
+    ready_child,
+    run_json_child,
+    sim_process,
+    stop_process,
+    workdir,
+    write_toml,
+)
+from bench.memory import daemon_command
+
+EVENTS = 5_000
+TARGET = 0.5
+TIMEOUT = 240.0
+SECRET_ENV = "BENCH_WEBHOOK_SECRET"
+MQTT_IN_FLIGHT = 16  # MqttSinkConfig.max_in_flight default
+WEBHOOK_IN_FLIGHT = 4  # WebhookSinkConfig.max_concurrency default
+
+
+def _delivered(db: Path, sink: str) -> list[tuple[float, float]]:
+    """(detected_at, acknowledged_at) of every delivered outbox row of `sink`."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = conn.execute(
+            "SELECT e.detected_at, o.updated_at FROM outbox o JOIN events e ON e.id = o.event_id"
+            " WHERE o.sink = ? AND o.state = 'delivered'",
+            (sink,),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [(float(d), float(a)) for d, a in rows]
+
+
+def _payloads(db: Path, out: Path) -> None:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = conn.execute("SELECT payload FROM events ORDER BY detected_at").fetchall()
+    finally:
+        conn.close()
+    out.write_text("\n".join(r[0] for r in rows) + "\n")
+
+
+def _poller_burst(tmp: Path, sim_url: str, ids: list[str], sink: dict[str, Any]) -> dict[str, Any]:
+    """Run `batch-poller run` until the sink acknowledged every first-sight event; the figures from its state."""
+    from bench.driver import pre_track  # noqa: PLC0415
+
+    name = sink["name"]
+    run_dir = tmp / name
+    run_dir.mkdir()
+    state = run_dir / "state.db"
+    pre_track(state, "openai", ids)
+    hour = "1h"
+    raw = poller_config(
+        sim_url,
+        state,
+        [sink],
+        validating=hour,
+        in_progress=hour,
+        finalizing=hour,
+        cancelling=hour,
+        max_interval=hour,
+    )
+    config = write_toml(run_dir / "config.toml", raw)
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    log = (run_dir / "daemon.log").open("ab")
+    proc = subprocess.Popen(
+        daemon_command(config), cwd=ROOT, env=child_env({SECRET_ENV: secret}), stdout=log, stderr=log
+    )
+    log.close()
+    started = time.monotonic()
+    try:
+        while True:
+            time.sleep(0.5)
+            if proc.poll() is not None:
+                raise RuntimeError(f"batch-poller exited with {proc.returncode}; see {run_dir / 'daemon.log'}")
+            done = len(_delivered(state, name)) if state.exists() else 0
+            if done >= len(ids) or time.monotonic() - started > TIMEOUT:
+                break
+    finally:
+        stop_process(proc)
+    pairs = _delivered(state, name)
+    if name == "mqtt":
+        _payloads(state, tmp / "payloads.jsonl")
+    first = min(d for d, _ in pairs)
+    last = max(a for _, a in pairs)
+    latencies = [a - d for d, a in pairs]
+    return {
+        "events": len(pairs),
+        "throughput": len(pairs) / (last - first),
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "detect_span": max(d for d, _ in pairs) - first,
+        "span": last - first,
+        "complete": len(pairs) >= len(ids),
+    }
+
+
+def run(ctx: dict[str, Any]) -> Section:
+    del ctx
+    section = Section("Delivery")
+    with (
+        workdir("delivery") as tmp,
+        Mosquitto(tmp / "mosquitto") as broker,
+        ready_child("bench.receiver", [], tmp / "receiver.log") as (_, hook_url),
+        sim_process(EVENTS, tmp) as sim,
+    ):
+        mqtt = _poller_burst(tmp, sim.url, sim.ids, {"kind": "mqtt", "name": "mqtt", "url": broker.url, "qos": 1})
+        hook = _poller_burst(
+            tmp, sim.url, sim.ids, {"kind": "webhook", "name": "hook", "url": hook_url, "secret_env": SECRET_ENV}
+        )
+        payloads = str(tmp / "payloads.jsonl")
+        raw_mqtt = run_json_child("bench.delivery", "raw-mqtt", str(broker.port), payloads)
+        raw_hook = run_json_child("bench.delivery", "raw-webhook", hook_url, payloads)
+    for label, ours, raw, target in (
+        ("MQTT (PUBACK)", mqtt, raw_mqtt, True),
+        ("webhook (2xx)", hook, raw_hook, False),
+    ):
+        r = ours["throughput"] / raw["throughput"]
+        partial = "" if ours["complete"] else f" (only {ours['events']:,} within {TIMEOUT:g} s)"
+        section.rows.append(
+            Row(
+                f"Burst of 5,000 events to {label}: throughput",
+                f"{ours['throughput']:,.0f} events/s{partial}",
+                f"{raw['throughput']:,.0f} events/s (raw, no outbox)",
+                ratio(ours["throughput"], raw["throughput"]),
+                f"≥ {TARGET}" if target else "(informational)",
+                r >= TARGET if target else None,
+            )
+        )
+        section.rows.append(
+            Row(
+                f"Burst to {label}: latency p50 / p99",
+                f"{ours['p50'] * 1000:,.0f} / {ours['p99'] * 1000:,.0f} ms",
+                f"{raw['p50'] * 1000:,.0f} / {raw['p99'] * 1000:,.0f} ms (raw, from burst start)",
+                ratio(ours["p50"], raw["p50"]),
+                "(informational)",
+            )
+        )
+        section.notes.append(
+            f"{label}: {ours['events']:,} events acknowledged {ours['span']:.2f} s after the first detection; "
+            f"detection itself spanned {ours['detect_span']:.2f} s (50 list pages). Raw: {raw['events']:,} in "
+            f"{raw['span']:.2f} s."
+        )
+    return section
+
+
+# -- the raw alternatives, each in a process of its own --------------------------------------------
+
+
+def _load(path: Path) -> list[bytes]:
+    return [line.encode() for line in path.read_text().splitlines() if line.strip()]
+
+
+async def _raw_mqtt(port: int, payloads: list[bytes]) -> dict[str, Any]:
+    import aiomqtt  # noqa: PLC0415
+
+    from poller.events import decode  # noqa: PLC0415
+    from poller.sinks.mqtt import state_payload  # noqa: PLC0415
+
+    messages = []
+    for payload in payloads:  # rendered before the clock starts: the raw publisher has them ready
+        event = decode(payload)
+        base = f"raw/{event.data.source}/{event.batch_id}"
+        messages.append((f"{base}/event/{event.type}", payload, f"{base}/state", state_payload(event)))
+    queue: asyncio.Queue[tuple[str, bytes, str, bytes]] = asyncio.Queue()
+    for m in messages:
+        queue.put_nowait(m)
+    acks: list[float] = []
+    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        client.pending_calls_threshold = 2 * MQTT_IN_FLIGHT + 2
+        started = time.perf_counter()
+
+        async def worker() -> None:
+            while not queue.empty():
+                topic, payload, state_topic, state = queue.get_nowait()
+                await client.publish(topic, payload, qos=1)
+                await client.publish(state_topic, state, qos=1, retain=True)
+                acks.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(worker() for _ in range(MQTT_IN_FLIGHT)))
+        span = time.perf_counter() - started
+    return {"events": len(acks), "throughput": len(acks) / span, "span": span, **_quantiles(acks)}
+
+
+async def _raw_webhook(url: str, payloads: list[bytes]) -> dict[str, Any]:
+    import aiohttp  # noqa: PLC0415
+
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for p in payloads:
+        queue.put_nowait(p)
+    acks: list[float] = []
+    connector = aiohttp.TCPConnector(limit=WEBHOOK_IN_FLIGHT)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        started = time.perf_counter()
+
+        async def worker() -> None:
+            while not queue.empty():
+                body = queue.get_nowait()
+                headers = {"Content-Type": "application/json"}
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    if response.status // 100 != 2:
+                        raise RuntimeError(f"receiver answered {response.status}")
+                acks.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(worker() for _ in range(WEBHOOK_IN_FLIGHT)))
+        span = time.perf_counter() - started
+    return {"events": len(acks), "throughput": len(acks) / span, "span": span, **_quantiles(acks)}
+
+
+def _quantiles(latencies: list[float]) -> dict[str, float]:
+    return {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one raw publisher of the delivery benchmark")
+    parser.add_argument("kind", choices=["raw-mqtt", "raw-webhook"])
+    parser.add_argument("target")
+    parser.add_argument("payloads", type=Path)
+    args = parser.parse_args()
+    payloads = _load(args.payloads)
+    if args.kind == "raw-mqtt":
+        result = asyncio.run(_raw_mqtt(int(args.target), payloads))
+    else:
+        result = asyncio.run(_raw_webhook(args.target, payloads))
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
