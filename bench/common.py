@@ -140,6 +140,12 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
 
 @contextlib.contextmanager
 def workdir(prefix: str) -> Iterator[Path]:
+    """A temporary directory, removed afterwards unless BENCH_KEEP is set (for looking at daemon logs)."""
+    if os.environ.get("BENCH_KEEP"):
+        kept = Path(tempfile.mkdtemp(prefix=f"batch-poller-bench-{prefix}-"))
+        print(f"[bench] keeping {kept}", file=sys.stderr)
+        yield kept
+        return
     with tempfile.TemporaryDirectory(prefix=f"batch-poller-bench-{prefix}-") as d:
         yield Path(d)
 

@@ -140,6 +140,9 @@ class BatchApi:
             if wait > 0:
                 self.metrics.rate_limit_waits.inc()
                 await asyncio.sleep(wait)
+            # A 429 may have paused everything while this request waited for its slot: never send sooner.
+            while (pause := self.pacer.paused_until - self._monotonic()) > 0:  # noqa: ASYNC110 - a 429 may extend it
+                await asyncio.sleep(pause)
             self.requests[kind] += 1
             url = self.config.base_url + path
             try:

@@ -112,6 +112,9 @@ class Daemon:
         self._store: Store | None = None
         self._api: BatchApi | None = None
         self._refresher: Refresher | None = None
+        self._cycle: asyncio.Task[None] | None = None
+        self._cycle_started = 0.0
+        self._pacer = Pacer(config.poll.max_requests_per_second)
         self._data_version = -1
         self._next_prune = 0.0
         self._api_stack: AsyncExitStack | None = None
@@ -193,13 +196,15 @@ class Daemon:
         self._wake.set()
 
     async def _open_api(self) -> None:
+        # One pacer for the daemon's life, so a reload never forgets a Retry-After pause.
+        self._pacer.configure(self.config.poll.max_requests_per_second)
         stack = AsyncExitStack()
         self._api = await stack.enter_async_context(
             BatchApi(
                 self.config.source,
                 self.config.source.api_key(self.environ),
                 metrics=self.metrics,
-                pacer=Pacer(self.config.poll.max_requests_per_second),
+                pacer=self._pacer,
                 max_concurrency=self.config.poll.max_concurrency,
             )
         )
@@ -304,6 +309,11 @@ class Daemon:
         ):
             await self._close_api()
             await self._open_api()
+        if new.source != old.source:
+            # Perhaps a corrected key: try at once instead of waiting out an authentication pause.
+            self.health.auth_paused_until, self.health.auth_failures = 0.0, 0
+            for batch in self.tracker.active():
+                batch.next_due = min(batch.next_due, self.clock())
         old_sinks, self._sink_configs = self._sink_configs, new.named_sinks()
         for name in [n for n in old_sinks if old_sinks[n] != self._sink_configs.get(n)]:
             await self._close_sink(name)
@@ -331,10 +341,20 @@ class Daemon:
     # -- what the service endpoint and systemd are told ------------------------------------------
 
     def liveness(self) -> tuple[bool, dict[str, object]]:
-        """Alive while the poll loop keeps ticking (it ticks at least every second)."""
-        age = time.monotonic() - self.health.loop_tick if self.health.loop_tick else None
+        """Alive while the poll loop ticks and no fetch cycle hangs beyond its timeouts and any rate-limit pause."""
+        now = time.monotonic()
+        age = now - self.health.loop_tick if self.health.loop_tick else None
         ok = age is not None and age < LOOP_STALL
-        return ok, {"loop_tick_age": None if age is None else round(age, 3)}
+        cycle_age = None
+        if self._cycle is not None:
+            cycle_age = now - self._cycle_started
+            api = self._api
+            pause = max(api.pacer.paused_until - now, 0.0) if api is not None else 0.0
+            ok = ok and cycle_age < max(LOOP_STALL, 4 * self.config.source.timeout) + pause
+        return ok, {
+            "loop_tick_age": None if age is None else round(age, 3),
+            "cycle_age": None if cycle_age is None else round(cycle_age, 3),
+        }
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready when the store is open, the credentials are accepted and a poll succeeded recently."""
@@ -413,28 +433,58 @@ class Daemon:
     # -- the poll loop -----------------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
-        while not self._stop.is_set():
-            self.health.loop_tick = time.monotonic()
-            if self._reload_requested:
-                await self._reload()
-            self._reload_tracked()
-            now = self.clock()
-            refresher = self.refresher
-            if self.config.source.discover and now >= refresher.next_discover and now >= self.health.auth_paused_until:
-                await refresher.discover()
-            due = self.tracker.due(self.clock())
-            if due:
-                self.metrics.poll_lag.set(max(self.clock() - due[0].next_due, 0.0))
-                await refresher.refresh(due)
-            self._prune()
-            self._publish_status()
-            await self._idle()
+        """Tick at least every second; fetching runs in a cycle task so a slow API never stalls the loop."""
+        try:
+            while not self._stop.is_set():
+                self.health.loop_tick = time.monotonic()
+                self._reap_cycle()
+                if self._cycle is None:
+                    if self._reload_requested:
+                        await self._reload()
+                    self._reload_tracked()
+                    self._start_cycle()
+                self._prune()
+                self._publish_status()
+                await self._idle()
+        finally:
+            if self._cycle is not None:
+                self._cycle.cancel()
+                await asyncio.gather(self._cycle, return_exceptions=True)
+
+    def _start_cycle(self) -> None:
+        now = self.clock()
+        discover = self.config.source.discover and now >= self.refresher.next_discover
+        due = self.tracker.due(now)
+        if now < self.health.auth_paused_until or not (discover or due):
+            return
+        if due:
+            self.metrics.poll_lag.set(max(now - due[0].next_due, 0.0))
+        self._cycle = asyncio.create_task(self._run_cycle(due, discover=discover), name="poller.refresh_cycle")
+        self._cycle_started = time.monotonic()
+        self._cycle.add_done_callback(lambda _task: self._wake.set())
+
+    async def _run_cycle(self, due: list[TrackedBatch], *, discover: bool) -> None:
+        if discover:
+            await self.refresher.discover()
+        if due:
+            await self.refresher.refresh(due)
+
+    def _reap_cycle(self) -> None:
+        """Forget a finished cycle; re-raise its error, which ends the daemon (systemd restarts it)."""
+        if self._cycle is not None and self._cycle.done():
+            cycle, self._cycle = self._cycle, None
+            error = None if cycle.cancelled() else cycle.exception()
+            if error is not None:
+                raise error
 
     async def _idle(self) -> None:
-        wake_at = self.tracker.next_due()
-        if self.config.source.discover:
-            wake_at = min(wake_at, self.refresher.next_discover)
-        timeout = min(max(wake_at - self.clock(), 0.0), 1.0)
+        if self._cycle is not None:
+            timeout = 1.0  # the cycle's end wakes us
+        else:
+            wake_at = max(self.tracker.next_due(), self.health.auth_paused_until)
+            if self.config.source.discover:
+                wake_at = min(wake_at, max(self.refresher.next_discover, self.health.auth_paused_until))
+            timeout = min(max(wake_at - self.clock(), 0.0), 1.0)
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)

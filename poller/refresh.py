@@ -8,6 +8,7 @@ their outbox rows in one transaction per answer, and `on_enqueued` then wakes th
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -69,11 +70,23 @@ class Refresher:
         self.health = health
         self.next_discover = 0.0
         self._discover_horizon: int | None = None
+        #: Set when the list endpoint answered 404/405: bulk refresh and discovery are then impossible.
+        self.list_unavailable = False
 
     async def refresh(self, due: list[TrackedBatch]) -> None:
-        """Refresh every due batch, through list pages when that costs fewer requests."""
+        """Refresh every due batch, through list pages when that costs fewer requests.
+
+        While a 429's Retry-After pause runs, nothing is sent: the due batches move to its end.
+        """
+        api = self.api
+        assert api is not None, "the daemon opens the API client before polling"
+        pause = api.pacer.paused_until - time.monotonic()
+        if pause > 0:
+            for batch in due:
+                self.tracker.defer(batch.id, self.clock() + pause)
+            return
         remaining = {b.id for b in due}
-        plan = self.tracker.plan_walk(due)
+        plan = None if self.list_unavailable else self.tracker.plan_walk(due)
         if plan is not None:
             stop_before, max_pages = plan
             remaining = await self._walk(targets=remaining, stop_before=stop_before, max_pages=max_pages)
@@ -111,6 +124,11 @@ class Refresher:
             try:
                 page = await api.list_page(after)
             except ApiError as exc:
+                if exc.status in {404, 405}:
+                    # Some compatible APIs and proxies have no list endpoint: retrieve one by one from now on.
+                    self.list_unavailable = True
+                    log.warning("the API has no batch list endpoint; refreshing with one retrieve per batch")
+                    return targets
                 self._api_failed(exc, sorted(targets))
                 return set()
             self._api_ok()
@@ -226,8 +244,6 @@ class Refresher:
         self.metrics.polls.labels(exc.kind).inc()
         if exc.kind == "auth":
             self._auth_failed(exc, now)
-            for batch_id in batch_ids:
-                self.tracker.defer(batch_id, self.health.auth_paused_until)
             return
         updates = [u for b in batch_ids if (u := self.tracker.failed(b, exc, now)) is not None]
         for tracked, _ in updates:
@@ -251,9 +267,12 @@ class Refresher:
 
     def _auth_failed(self, exc: ApiError, now: float) -> None:
         health = self.health
-        health.auth_failures += 1
+        if now >= health.auth_paused_until:  # the first rejection after a pause ended: the pause doubles
+            health.auth_failures += 1
         pause = min(self.config.poll.auth_backoff * 2 ** (health.auth_failures - 1), 3600.0)
         health.auth_paused_until = max(health.auth_paused_until, now + pause)
+        for batch in self.tracker.active():
+            self.tracker.defer(batch.id, health.auth_paused_until)
         if not health.auth_failing:
             health.auth_failing = True
             log.error(

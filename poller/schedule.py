@@ -91,6 +91,12 @@ class Pacer:
         self._paused_until = -math.inf
         self._last_penalty = -math.inf
 
+    def configure(self, rate: float) -> None:
+        """A new configured maximum (on reload), keeping any pause and penalty in force."""
+        self.max_rate = rate
+        self.rate = min(self.rate, rate)
+        self.min_rate = min(self.min_rate, rate)
+
     def reserve(self, now: float) -> float:
         """Book the next request slot; returns the wait before it may be sent."""
         start = max(now, self._next_free, self._paused_until)
@@ -98,8 +104,13 @@ class Pacer:
         return start - now
 
     def penalize(self, now: float, retry_after: float | None) -> None:
-        """A 429: halve the rate and pause everything until the server's Retry-After has passed."""
-        self.rate = max(self.min_rate, self.rate / 2.0)
+        """A 429: halve the rate and pause everything until the server's Retry-After has passed.
+
+        Requests already in flight when the first 429 arrives get 429s too; those extend the pause but
+        do not halve the rate again.
+        """
+        if now >= self._paused_until:
+            self.rate = max(self.min_rate, self.rate / 2.0)
         self._last_penalty = now
         if retry_after is not None:
             self._paused_until = max(self._paused_until, now + retry_after)

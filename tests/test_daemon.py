@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from poller.simulator import Fault, serve
@@ -165,3 +166,51 @@ async def test_final_batches_are_pruned_after_retention_and_sinks_told_only_if_t
             # Its delivered events age out with it; the file sink never saw the internal prune notice.
             assert daemon.store.events_for(daemon.source, batch_id) == []
         assert [e["type"] for e in read_jsonl(events_file)] == ["batch.validating", "batch.failed"]
+
+
+async def test_a_long_retry_after_pauses_polling_but_not_the_loop(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        ids = sim.create_batches(3)
+        raw = config_dict(url, tmp_path / "state.db", [])
+        raw["source"]["track"] = ids
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: all(b.knowledge.status for b in daemon.tracker.batches.values()))
+            sim.inject(Fault(kind="429", count=1, retry_after=3))
+            await eventually(lambda: not sim.faults)
+            paused_at = sim.stats.total
+            for _ in range(10):  # 2 s into a 3 s pause
+                await asyncio.sleep(0.2)
+                assert daemon.liveness()[0], daemon.liveness()
+            assert sim.stats.total == paused_at  # honoured: nothing sent during the pause
+            await eventually(lambda: sim.stats.total > paused_at, timeout=5)
+
+
+async def test_an_api_without_a_list_endpoint_falls_back_to_retrieves(tmp_path):
+    sim = fast_sim(speed=0.001)
+    ids = sim.create_batches(30)
+
+    async def retrieve(request: web.Request) -> web.Response:
+        return web.json_response(sim.get(request.match_info["id"]))
+
+    async def no_list(_request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "not found", "type": "invalid_request_error"}}, status=404)
+
+    app = web.Application()
+    app.router.add_get("/v1/batches/{id}", retrieve)
+    app.router.add_get("/v1/batches", no_list)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    try:
+        raw = config_dict(url, tmp_path / "state.db", [], validating="0.5s", max_interval="0.5s")
+        raw["source"]["track"] = ids
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: all(b.knowledge.status for b in daemon.tracker.batches.values()))
+            await asyncio.sleep(2)  # several refreshes, each of which would have tried a walk
+            assert daemon.refresher.list_unavailable
+            assert daemon.store.batches(daemon.source, states=["gone"]) == []
+            assert len(daemon.tracker.active()) == 30
+    finally:
+        await runner.cleanup()

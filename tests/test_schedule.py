@@ -236,3 +236,23 @@ def test_pacer_reward_at_full_rate_changes_nothing() -> None:
     pacer.reward(1_000.0)
     assert pacer.rate == 5.0
     assert [pacer.reserve(1_000.0) for _ in range(3)] == pytest.approx([0.0, 0.2, 0.4])
+
+
+def test_pacer_429s_during_a_pause_extend_it_without_halving_again() -> None:
+    pacer = Pacer(8.0)
+    pacer.penalize(100.0, 5.0)
+    pacer.penalize(100.2, 5.0)  # a request already in flight when the first 429 came back
+    pacer.penalize(100.4, 5.0)
+    assert pacer.rate == 4.0
+    assert pacer.paused_until == pytest.approx(105.4)
+    pacer.penalize(106.0, None)  # a new 429 after the pause: the rate halves again
+    assert pacer.rate == 2.0
+
+
+def test_pacer_configure_keeps_the_pause() -> None:
+    pacer = Pacer(8.0)
+    pacer.penalize(100.0, 30.0)
+    pacer.configure(20.0)
+    assert pacer.paused_until == 130.0
+    assert pacer.max_rate == 20.0
+    assert pacer.rate == 4.0
