@@ -114,6 +114,7 @@ class Daemon:
         self._refresher: Refresher | None = None
         self._cycle: asyncio.Task[None] | None = None
         self._cycle_started = 0.0
+        self.exit_code = 0
         self._pacer = Pacer(config.poll.max_requests_per_second)
         self._data_version = -1
         self._next_prune = 0.0
@@ -176,7 +177,7 @@ class Daemon:
                 await self._open_api()
                 stack.push_async_callback(self._close_sinks)
                 for name, sink_config in self._sink_configs.items():
-                    await self._open_sink(name, sink_config)
+                    await self._open_sink(name, build_sink(name, sink_config, self.environ))
                 if self.config.service.enabled:
                     from poller.service import Service  # noqa: PLC0415 - aiohttp.web loads only when serving
 
@@ -188,7 +189,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             self.notifier.close()
-        return 0
+        return self.exit_code
 
     def request_reload(self) -> None:
         """Re-read the config at the next turn of the poll loop (what SIGHUP does)."""
@@ -217,9 +218,9 @@ class Daemon:
             self._api_stack = self._api = None
             self.refresher.api = None
 
-    async def _open_sink(self, name: str, sink_config: SinkConfig) -> None:
+    async def _open_sink(self, name: str, sink: Sink) -> None:
         stack = AsyncExitStack()
-        sink = await stack.enter_async_context(build_sink(name, sink_config, self.environ))
+        await stack.enter_async_context(sink)
         worker = DeliveryWorker(self.store, sink, self.metrics, clock=self.clock, rand=self.rand)
         self.workers[name] = worker
         self._sink_stacks[name] = stack
@@ -267,6 +268,7 @@ class Daemon:
         for task in done:
             if task is not stop and not task.cancelled() and task.exception() is not None:
                 log.error("a daemon task crashed; shutting down", task=task.get_name(), exc_info=task.exception())
+                self.exit_code = 1  # so that systemd's Restart=on-failure brings it back
         self._stop.set()
         self.notifier.stopping()
         log.info("shutting down", deadline=self.config.service.shutdown_timeout)
@@ -287,46 +289,56 @@ class Daemon:
     # -- reload ------------------------------------------------------------------------------------
 
     async def _reload(self) -> None:
-        """Apply a re-read config; an invalid one leaves the running config in place."""
+        """Apply a re-read config; one that is invalid, or names a sink that cannot be built, changes nothing."""
         self._reload_requested = False
         self.notifier.reloading()
         try:
             new = load_config(self.config_path)
             new.check_secrets(self.environ)
             self._check_reloadable(new)
-        except ConfigError as exc:
-            log.error("config reload rejected; still running the previous config", error=exc.render())
+            sink_configs = new.named_sinks()
+            # Build every new or changed sink before touching the running ones: construction validates.
+            built = {
+                name: build_sink(name, cfg, self.environ)
+                for name, cfg in sink_configs.items()
+                if self._sink_configs.get(name) != cfg
+            }
+        except Exception as exc:
+            problem = exc.render() if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.error("config reload rejected; still running the previous config", error=problem)
             self.notifier.ready()
             return
+        try:
+            await self._apply_config(new, sink_configs, built)
+        except Exception:
+            log.exception("config reload failed part-way; running with what was applied")
+        self.wake()
+        self.notifier.ready()
+        log.info("config reloaded", sinks=list(self.workers), tracking=len(self.tracker.active()))
+
+    async def _apply_config(self, new: Config, sink_configs: dict[str, SinkConfig], built: dict[str, Sink]) -> None:
         old, self.config = self.config, new
+        self.refresher.config = new
+        self.refresher.next_discover = 0.0
         intervals, policy, backoff = tracker_settings(new)
         self.tracker.intervals, self.tracker.policy, self.tracker.backoff = intervals, policy, backoff
         self._track_configured()
-        if (
-            new.source != old.source
-            or new.poll.max_concurrency != old.poll.max_concurrency
-            or (new.poll.max_requests_per_second != old.poll.max_requests_per_second)
-        ):
-            await self._close_api()
-            await self._open_api()
+        if new.log != old.log:
+            configure(new.log.level, new.log.format)
         if new.source != old.source:
             # Perhaps a corrected key: try at once instead of waiting out an authentication pause.
             self.health.auth_paused_until, self.health.auth_failures = 0.0, 0
             for batch in self.tracker.active():
                 batch.next_due = min(batch.next_due, self.clock())
-        old_sinks, self._sink_configs = self._sink_configs, new.named_sinks()
-        for name in [n for n in old_sinks if old_sinks[n] != self._sink_configs.get(n)]:
+        api_keys = (new.source, new.poll.max_concurrency, new.poll.max_requests_per_second)
+        if api_keys != (old.source, old.poll.max_concurrency, old.poll.max_requests_per_second):
+            await self._close_api()
+            await self._open_api()
+        self._sink_configs = sink_configs
+        for name in [n for n in self.workers if n not in sink_configs or n in built]:
             await self._close_sink(name)
-        for name, sink_config in self._sink_configs.items():
-            if name not in self.workers:
-                await self._open_sink(name, sink_config)
-        if new.log != old.log:
-            configure(new.log.level, new.log.format)
-        self.refresher.config = new
-        self.refresher.next_discover = 0.0
-        self.wake()
-        self.notifier.ready()
-        log.info("config reloaded", sinks=list(self.workers), tracking=len(self.tracker.active()))
+        for name, sink in built.items():
+            await self._open_sink(name, sink)
 
     def _check_reloadable(self, new: Config) -> None:
         if new.state.db_path(self.environ) != self.store.path:

@@ -18,6 +18,7 @@ from tests.helpers import (
     make_config,
     read_jsonl,
     running,
+    write_toml,
 )
 
 
@@ -214,3 +215,32 @@ async def test_an_api_without_a_list_endpoint_falls_back_to_retrieves(tmp_path):
             assert len(daemon.tracker.active()) == 30
     finally:
         await runner.cleanup()
+
+
+async def test_reload_that_cannot_build_a_sink_changes_nothing(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        [batch_id] = sim.create_batches(1)
+        first = tmp_path / "first.jsonl"
+        raw = config_dict(url, tmp_path / "state.db", [{"kind": "file", "name": "first", "path": str(first)}])
+        raw["source"]["track"] = [batch_id]
+        path = write_toml(tmp_path / "config.toml", raw)
+        environ = {"BAD_SECRET": "whsec_!!!not-base64!!!"}
+        async with running(make_config(raw), config_path=path, environ=environ) as daemon:
+            await eventually(lambda: len(read_jsonl(first)) == 1)
+            bad = raw | {"sinks": [{"kind": "webhook", "url": "http://127.0.0.1:9/x", "secret_env": "BAD_SECRET"}]}
+            write_toml(path, bad)
+            with capture_logs() as logs:
+                daemon.request_reload()
+                await eventually(lambda: any("reload rejected" in e["event"] for e in logs))
+            assert list(daemon.workers) == ["first"]
+            assert "whsec_!!!" not in str(logs)
+
+            second = tmp_path / "second.jsonl"
+            good = raw | {"sinks": [{"kind": "file", "name": "second", "path": str(second)}]}
+            write_toml(path, good)
+            daemon.request_reload()
+            await eventually(lambda: list(daemon.workers) == ["second"])
+            sim.cancel(batch_id)
+            await eventually(lambda: [e["type"] for e in read_jsonl(second)] == ["batch.cancelling"])
+        assert [e["type"] for e in read_jsonl(first)] == ["batch.validating"]
