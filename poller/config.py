@@ -415,13 +415,25 @@ def _key_of(loc: tuple[int | str, ...], raw: dict[str, Any]) -> str:
 _SECRETISH = ("key", "secret", "password", "token")
 
 
+def _redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "[redacted]"
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    return f"{scheme}://{host}/…" if "/" in rest or "@" in rest else f"{scheme}://{host}"
+
+
 def _from_validation(exc: ValidationError, raw: dict[str, Any]) -> ConfigError:
     errors = exc.errors(include_url=False)
     first = errors[0]
     key = _key_of(tuple(first["loc"]), raw)
     value = first.get("input")
-    if isinstance(value, dict | list) or any(word in key.rsplit(".", 1)[-1] for word in _SECRETISH):
+    leaf = key.rsplit(".", 1)[-1]
+    secretish = any(word in leaf.lower() for word in _SECRETISH) or ".headers" in f".{key}"
+    if isinstance(value, dict | list) or secretish:
         value = None  # never echo whole sections, nor anything that may be a secret
+    elif leaf == "url" and isinstance(value, str):
+        value = _redact_url(value)  # a webhook URL's path (Slack) and userinfo are credentials
     kind = first["type"]
     if kind == "extra_forbidden":
         fix = "remove it or correct its spelling; config/config.example.toml lists every key"

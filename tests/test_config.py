@@ -265,3 +265,17 @@ def test_load_config_validation_errors_keep_their_key(tmp_path: Path) -> None:
 def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     assert isinstance(load_config(EXAMPLE), Config)
+
+
+@pytest.mark.parametrize(
+    ("sink", "secret"),
+    [
+        ({"kind": "webhook", "url": "ftp://hooks.slack.com/services/T0/B0/SECRETXYZ"}, "SECRETXYZ"),
+        ({"kind": "mqtt", "url": "mqtt://user:hunter2@broker:1883"}, "hunter2"),
+        ({"kind": "webhook", "url": "https://x", "headers": {"Authorization": 12345678}}, "12345678"),
+    ],
+)
+def test_config_errors_never_echo_credentials_in_urls_or_headers(sink, secret) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"sinks": [sink]})
+    assert secret not in info.value.render()

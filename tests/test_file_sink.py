@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import resource
+import signal
 
 import pytest
 
@@ -35,3 +37,22 @@ async def test_unwritable_path_is_retryable_and_recovers(tmp_path):
         await sink.send(e, encode(e))
         assert sink.health() == "ok"
     assert path.read_bytes() == encode(e) + b"\n"
+
+
+async def test_a_write_cut_short_leaves_no_partial_line(tmp_path):
+    """A full disk mid-line (here: RLIMIT_FSIZE) must not leave half a JSON line behind."""
+    path = tmp_path / "events.jsonl"
+    first, second = event("validating", None), event("in_progress", "validating", (1, 0, 2))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    async with FileSink("file", path) as sink:
+        await sink.send(first, encode(first))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(encode(first)) + 1 + 10, hard))
+        try:
+            with pytest.raises(DeliveryError):
+                await sink.send(second, encode(second))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+        await sink.send(second, encode(second))
+    assert path.read_bytes().splitlines() == [encode(first), encode(second)]

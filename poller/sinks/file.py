@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,11 +43,18 @@ class FileSink:
 
     def _append(self, line: bytes) -> None:
         fd = self._open()
+        start = os.lseek(fd, 0, os.SEEK_END)
         view = memoryview(line)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
+        try:
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except OSError:
+            # A full disk may have taken half a line: cut it off so the file stays whole JSON lines.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
 
     async def send(self, event: Event, payload: bytes) -> None:
         del event
