@@ -120,8 +120,7 @@ def _cmd_track(args: argparse.Namespace, source: str, store: Store, now: float) 
 
 
 def _cmd_untrack(args: argparse.Namespace, source: str, store: Store, now: float) -> int:
-    del now
-    removed = set(store.untrack(source, args.ids))
+    removed = set(store.untrack(source, args.ids, now))
     for batch_id in args.ids:
         print(f"{batch_id}: {'untracked' if batch_id in removed else 'was not tracked'}")
     return 0 if removed else 1

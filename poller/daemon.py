@@ -401,7 +401,7 @@ class Daemon:
         return added
 
     def untrack(self, ids: list[str]) -> list[str]:
-        removed = self.store.untrack(self.source, ids)
+        removed = self.store.untrack(self.source, ids, self.clock())
         for batch_id in removed:
             self.tracker.batches.pop(batch_id, None)
         self.wake()

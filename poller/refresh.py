@@ -183,6 +183,9 @@ class Refresher:
             and all((b.metadata or {}).get(k) == v for k, v in src.discover_metadata.items())
             and (not src.discover_endpoints or b.endpoint in src.discover_endpoints)
         ]
+        if fresh:
+            left_alone = self.store.untracked(self.source, [b.id for b in fresh])
+            fresh = [b for b in fresh if b.id not in left_alone]
         if not fresh:
             return
         now = self.clock()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from poller.models import KNOWN_STATUSES
 from poller.records import ACTIVE, NewEvent, TrackedBatch
 from poller.transitions import Knowledge
 
@@ -70,6 +71,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (sink, state, source, batch_id, sequence);
 CREATE INDEX IF NOT EXISTS outbox_ready ON outbox (sink, ready_at) WHERE ready_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS untracked (
+    source TEXT NOT NULL,
+    id TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (source, id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -185,7 +192,11 @@ class Store:
     # -- tracked batches -------------------------------------------------------------------------
 
     def track(self, source: str, ids: Iterable[str], origin: str, now: float) -> list[str]:
-        """Start tracking ids not tracked yet; returns the ids that were added."""
+        """Start tracking ids not tracked yet; returns the ids that were added.
+
+        A batch tracked before (then untracked or pruned) resumes where its recorded events end, so its
+        `sequence` keeps increasing and no status it already announced is announced again.
+        """
         added = []
         with self._tx() as db:
             for batch_id in ids:
@@ -193,20 +204,48 @@ class Store:
                     "INSERT OR IGNORE INTO batches (source, id, origin, added_at, next_due) VALUES (?, ?, ?, ?, 0)",
                     (source, batch_id, origin, now),
                 )
-                if cur.rowcount:
-                    added.append(batch_id)
+                if not cur.rowcount:
+                    continue
+                added.append(batch_id)
+                db.execute("DELETE FROM untracked WHERE source = ? AND id = ?", (source, batch_id))
+                history = db.execute(
+                    "SELECT type, sequence FROM events WHERE source = ? AND batch_id = ?", (source, batch_id)
+                ).fetchall()
+                if history:
+                    known = Knowledge(
+                        sequence=max(r["sequence"] for r in history),
+                        seen=frozenset(r["type"].removeprefix("batch.") for r in history) & KNOWN_STATUSES,
+                    )
+                    db.execute(
+                        "UPDATE batches SET knowledge = ? WHERE source = ? AND id = ?",
+                        (_knowledge_to_json(known), source, batch_id),
+                    )
         return added
 
-    def untrack(self, source: str, ids: Iterable[str]) -> list[str]:
-        """Stop tracking; recorded events and pending deliveries stay."""
+    def untrack(self, source: str, ids: Iterable[str], now: float = 0.0) -> list[str]:
+        """Stop tracking; recorded events and pending deliveries stay, and discovery will not re-adopt them."""
         removed: list[str] = []
         with self._tx() as db:
-            removed.extend(
-                batch_id
-                for batch_id in ids
-                if db.execute("DELETE FROM batches WHERE source = ? AND id = ?", (source, batch_id)).rowcount
-            )
+            for batch_id in ids:
+                if db.execute("DELETE FROM batches WHERE source = ? AND id = ?", (source, batch_id)).rowcount:
+                    removed.append(batch_id)
+                    db.execute(
+                        "INSERT OR REPLACE INTO untracked (source, id, at) VALUES (?, ?, ?)", (source, batch_id, now)
+                    )
         return removed
+
+    def untracked(self, source: str, ids: Iterable[str]) -> set[str]:
+        """Which of `ids` a user untracked (discovery leaves those alone until tracked again by hand)."""
+        wanted = list(ids)
+        found: set[str] = set()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT id FROM untracked WHERE source = ? AND id IN (" + marks + ")", [source, *chunk]
+            )
+            found.update(r[0] for r in rows)
+        return found
 
     def batches(self, source: str | None = None, states: Sequence[str] | None = None) -> list[TrackedBatch]:
         sql = "SELECT * FROM batches"

@@ -95,7 +95,8 @@ def _status_events(known: Knowledge, batch: Batch, emit: _Emitter) -> tuple[froz
     """Emit the statuses entered since `known`; returns the statuses seen and a warning if ignored."""
     status, previous, seen = batch.status, known.status, set(known.seen)
     if previous is None:
-        emit(f"batch.{status}", status, None, batch.status_time(status))
+        if status not in seen:  # seen before means tracked before: that status was announced already
+            emit(f"batch.{status}", status, None, batch.status_time(status))
         return frozenset({*seen, status}), None
     if status == previous:
         return known.seen, None

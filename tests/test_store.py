@@ -335,3 +335,14 @@ def test_heads_stay_cheap_with_a_large_backlog(store: Store) -> None:
     assert sorted(heads(store)) == [("b", 1), ("deep", 1)]
     store.mark_delivered("mqtt", ["evt_deep_1"], NOW)
     assert sorted(heads(store)) == [("b", 1), ("deep", 2)]
+
+
+def test_retracking_resumes_the_sequence_and_remembers_announced_statuses(store: Store) -> None:
+    enqueue(store, "a", event("a", 1), event("a", 2))
+    store.untrack(SRC, ["a"], NOW)
+    assert store.untracked(SRC, ["a", "b"]) == {"a"}
+    assert store.track(SRC, ["a"], "cli", NOW + 1) == ["a"]
+    assert store.untracked(SRC, ["a"]) == set()
+    known = store.batch(SRC, "a").knowledge
+    assert known.sequence == 2
+    assert known.status is None

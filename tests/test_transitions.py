@@ -515,3 +515,26 @@ def test_sequence_is_strict_over_a_whole_lifecycle() -> None:
     assert_sequences_consecutive(run.events)
     assert run.knowledge.sequence == len(run.events)
     assert len({e.id for e in run.events}) == len(run.events)
+
+
+def test_first_sight_of_a_retracked_batch_does_not_announce_a_known_status_again() -> None:
+    batch = Batch.model_validate(
+        {
+            "id": "batch_r",
+            "object": "batch",
+            "endpoint": "/v1/chat/completions",
+            "input_file_id": "f",
+            "completion_window": "24h",
+            "created_at": 1000,
+            "status": "in_progress",
+            "in_progress_at": 1010,
+        }
+    )
+    known = Knowledge(sequence=2, seen=frozenset({"validating", "in_progress"}))
+    detection = detect("openai", known, batch, 2000.0, Policy())
+    assert detection.events == []
+    assert detection.knowledge.status == "in_progress"
+    assert detection.knowledge.sequence == 2
+    later = Batch.model_validate(batch.wire() | {"status": "completed", "finalizing_at": 1500, "completed_at": 1600})
+    events = detect("openai", detection.knowledge, later, 2001.0, Policy()).events
+    assert [(e.type, e.data.sequence) for e in events] == [("batch.finalizing", 3), ("batch.completed", 4)]
