@@ -65,6 +65,10 @@ class ApiError(PollerError):
 class BadResponseError(ApiError):
     """The API answered 2xx with a body that is not a Batch (or list of them) we can trust."""
 
+    @property
+    def kind(self) -> str:
+        return "bad_response"
+
 
 class DeliveryError(PollerError):
     """A sink could not deliver an event.

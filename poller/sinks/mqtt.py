@@ -200,7 +200,9 @@ class MqttSink:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()  # the task's `async with client` sends DISCONNECT on the way out
-            await asyncio.wait((task,))
+            _, hung = await asyncio.wait((task,), timeout=GOODBYE_TIMEOUT)
+            if hung:  # a wedged socket must not outlast systemd's stop timeout: give up on the goodbye
+                log.warning("mqtt disconnect did not finish; closing anyway", sink=self.name)
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
         if self._session is None and self._ever_connected:
