@@ -75,11 +75,12 @@ def prepare_state(state: Path, raw_config: dict[str, Any], batches: int) -> int:
         return int(store.outbox_stats().get(SINK, {}).get("pending", 0))
 
 
-def _start(config: Path, notify: socket.socket, address: str) -> tuple[float, float]:
+def _start(config: Path, notify: socket.socket, address: str, expected: int) -> tuple[float, float]:
     """Spawn the daemon; seconds to READY=1 and to the STATUS= line that counts every tracked batch."""
+    notify.setblocking(False)
     while True:  # drop anything a previous run left in the socket
         try:
-            notify.recv(4096, socket.MSG_DONTWAIT)
+            notify.recv(65536)
         except BlockingIOError:
             break
     started = time.perf_counter()
@@ -100,17 +101,13 @@ def _start(config: Path, notify: socket.socket, address: str) -> tuple[float, fl
             if fields.get("READY") == "1" and ready is None:
                 ready = now
             status = fields.get("STATUS", "")
-            if status.startswith("tracking ") and status.split()[1] == str(_expected(config)) and loaded is None:
+            if status.startswith("tracking ") and status.split()[1] == str(expected) and loaded is None:
                 loaded = now
     except TimeoutError:
         raise RuntimeError(f"no READY=1 / STATUS within 30 s; see {config.parent / 'daemon.log'}") from None
     finally:
         stop_process(proc)
     return ready, loaded
-
-
-def _expected(config: Path) -> int:
-    return int(config.parent.name.rsplit("-", 1)[1])
 
 
 def run(ctx: dict[str, Any]) -> Section:
@@ -138,7 +135,7 @@ def run(ctx: dict[str, Any]) -> Section:
                 config = write_toml(run_dir / "config.toml", raw)
                 readies, loads = [], []
                 for _ in range(REPS):
-                    ready, loaded = _start(config, notify, address)
+                    ready, loaded = _start(config, notify, address, batches)
                     readies.append(ready)
                     loads.append(loaded)
                 results[batches] = (readies, loads)
