@@ -1,8 +1,8 @@
 """Benchmark 1, API economy: Batch API requests per full refresh of N active tracked batches.
 
 For N = 100, 1,000 and 10,000 the simulator holds exactly N batches, all tracked and all active, so they
-are the newest N in the list. batch-poller's automatic choice (`Daemon._refresh`: list pages or one
-retrieve each) is compared with one retrieve per batch (N requests) and with the floor, the list pages
+are the newest N in the list. batch-poller's automatic choice (the daemon's refresh of every due batch:
+list pages or one retrieve each) is compared with one retrieve per batch (N requests) and with the floor, the list pages
 that hold them: ceil(N/100). The first refresh (first sight: no `created_at` known yet) is reported apart
 from steady-state refreshes (the median of three). A fourth case tracks 1,000 batches spread among the
 newest 10,000, where the floor is the pages down to the oldest tracked one.
@@ -111,8 +111,8 @@ async def _run() -> Section:
                 f"Requests per steady refresh, {case.label}",
                 f"{fmt(auto, 0)}",
                 f"{n:,} (retrieve each); floor {out.floor:,}",
-                f"{ratio(auto, out.floor)}× floor; {ratio(auto, n, 3)}× retrieve",
-                "≤ 1.1× floor" if main else "(informational)",
+                f"{ratio(auto, out.floor)}x floor; {ratio(auto, n, 3)}x retrieve",
+                "≤ 1.1x floor" if main else "(informational)",
                 within if main else None,
             )
         )
@@ -122,7 +122,7 @@ async def _run() -> Section:
                 f"Requests on first sight, {case.label}",
                 f"{first_total:,}",
                 f"{n:,} (retrieve each); floor {out.floor:,}",
-                f"{ratio(first_total, out.floor)}× floor",
+                f"{ratio(first_total, out.floor)}x floor",
                 "(informational)",
             )
         )
@@ -136,5 +136,6 @@ async def _run() -> Section:
     return section
 
 
-def run() -> Section:
+def run(ctx: dict[str, Any]) -> Section:
+    del ctx
     return asyncio.run(_run())

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 KEY_ENV = "BENCH_BATCH_API_KEY"
 KEY = "sk-sim"
@@ -128,6 +128,14 @@ def rss_mb(pid: int) -> float:
     return math.nan
 
 
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a child's log, for an error message (the work directory is removed afterwards)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -232,7 +240,7 @@ class Mosquitto:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> Mosquitto:
+    def __enter__(self) -> Self:
         with (self.directory / "mosquitto.log").open("ab") as log:
             self.proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + 10

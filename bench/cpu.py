@@ -75,17 +75,26 @@ def run(ctx: dict[str, Any]) -> Section:
             "(informational)",
         )
     )
+    passes = ", ".join(f"{c:.2f}" for c in poller["cpu"])
+    walls = ", ".join(f"{w:.2f}" for w in poller["wall"])
+    requests = ", ".join(str(q) for q in poller["requests"])
+    changed = ", ".join(str(u) for u in poller["changed"])
+    sdk_passes = ", ".join(f"{c:.2f}" for c in sdk["cpu"])
+    sdk_walls = ", ".join(f"{w:.2f}" for w in sdk["wall"])
     section.notes += [
-        f"batch-poller passes (CPU s): {', '.join(f'{c:.2f}' for c in poller['cpu'])}; wall "
-        f"{', '.join(f'{w:.2f}' for w in poller['wall'])} s; requests per pass "
-        f"{', '.join(str(q) for q in poller['requests'])}; SQLite rows written per pass (batches whose counts "
-        f"moved, and their events) {', '.join(str(u) for u in poller['changed'])}.",
-        f"batch-poller first sight: {poller['first_cpu']:.2f} CPU s, {poller['first_wall']:.2f} s wall, "
-        f"{poller['first_requests']} requests. Forced to retrieve each: {poller['forced_cpu']:.2f} CPU s, "
-        f"{poller['forced_wall']:.2f} s wall, {poller['forced_requests']:,} requests (max_concurrency 8).",
-        f"SDK loop passes (CPU s): {', '.join(f'{c:.2f}' for c in sdk['cpu'])}; wall "
-        f"{', '.join(f'{w:.2f}' for w in sdk['wall'])} s; {sdk['batches']:,} retrieves per pass "
-        f"(openai {sdk['version']}).",
+        (
+            f"batch-poller passes (CPU s): {passes}; wall {walls} s; requests per pass {requests}; SQLite rows "
+            f"written per pass (batches whose counts moved, and their events) {changed}."
+        ),
+        (
+            f"batch-poller first sight: {poller['first_cpu']:.2f} CPU s, {poller['first_wall']:.2f} s wall, "
+            f"{poller['first_requests']} requests. Forced to retrieve each: {poller['forced_cpu']:.2f} CPU s, "
+            f"{poller['forced_wall']:.2f} s wall, {poller['forced_requests']:,} requests (max_concurrency 8)."
+        ),
+        (
+            f"SDK loop passes (CPU s): {sdk_passes}; wall {sdk_walls} s; {sdk['batches']:,} retrieves per pass "
+            f"(openai {sdk['version']})."
+        ),
     ]
     return section
 
@@ -107,11 +116,11 @@ async def _poller(url: str, ids: list[str], state: Path) -> dict[str, Any]:
     async with DaemonDriver(config) as driver:
         first = await driver.first_refresh()
         for _ in range(REPS):
-            before = driver.daemon.store._db.total_changes
+            before = _rows_written(driver.daemon.store)
             refresh = await driver.full_refresh()
             if refresh.missed:
                 raise RuntimeError(f"{refresh.missed} batches were not refreshed")
-            changed.append(driver.daemon.store._db.total_changes - before)
+            changed.append(_rows_written(driver.daemon.store) - before)
             cpu.append(refresh.cpu)
             wall.append(refresh.wall)
             requests.append(refresh.total)
@@ -135,6 +144,12 @@ async def _poller(url: str, ids: list[str], state: Path) -> dict[str, Any]:
         "first_wall": first.wall,
         "first_requests": first.total,
     }
+
+
+def _rows_written(store: Any) -> int:
+    """Rows the store's SQLite connection inserted, updated or deleted so far (-1 if not reachable)."""
+    db = getattr(store, "_db", None)
+    return int(db.total_changes) if db is not None else -1
 
 
 async def _sdk(url: str, ids: list[str]) -> dict[str, Any]:

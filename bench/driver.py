@@ -23,6 +23,9 @@ from poller.daemon import Daemon
 from poller.records import ACTIVE, TrackedBatch
 from poller.store import Store
 
+#: Seconds a refresh may take before the benchmark gives up.
+REFRESH_TIMEOUT = 300.0
+
 
 @dataclass(frozen=True)
 class Refresh:
@@ -106,18 +109,18 @@ class DaemonDriver:
     def _active(self) -> list[TrackedBatch]:
         return [b for b in self.daemon.tracker.batches.values() if b.state == ACTIVE]
 
-    async def first_refresh(self, timeout: float = 300.0) -> Refresh:
+    async def first_refresh(self) -> Refresh:
         """The refresh of first sight (the daemon's first loop turn finds every tracked batch due).
 
         Its CPU is the `_refresh` call's own; requests are counted since the daemon started.
         """
-        await asyncio.wait_for(self._done.wait(), timeout)
+        await asyncio.wait_for(self._done.wait(), REFRESH_TIMEOUT)
         assert self._last is not None
         due, cpu, wall = self._last
         missed = sum(1 for b in self._active() if b.next_due <= 0)
         return Refresh(due, dict(self._requests()), cpu, wall, missed)
 
-    async def full_refresh(self, timeout: float = 300.0) -> Refresh:
+    async def full_refresh(self) -> Refresh:
         """Make every active batch due, wake the loop and wait for the one `_refresh` call that follows.
 
         CPU and wall time are the whole process's from the wake to the end of that call.
@@ -130,7 +133,7 @@ class DaemonDriver:
         cpu, wall = time.process_time(), time.perf_counter()
         # Not `Daemon.wake()`: that also re-reads every tracked row from SQLite, which a due batch does not.
         self.daemon._wake.set()
-        await asyncio.wait_for(self._done.wait(), timeout)
+        await asyncio.wait_for(self._done.wait(), REFRESH_TIMEOUT)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         assert self._last is not None
         after = self._requests()

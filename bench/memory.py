@@ -25,6 +25,7 @@ from bench.common import (
     Section,
     child_env,
     free_port,
+    log_tail,
     peak_rss_mb,
     poller_config,
     ratio,
@@ -84,7 +85,7 @@ def run(ctx: dict[str, Any]) -> Section:
             while True:
                 time.sleep(0.5)
                 if proc.poll() is not None:
-                    raise RuntimeError(f"batch-poller exited with {proc.returncode}; see {tmp / 'daemon.log'}")
+                    raise RuntimeError(f"batch-poller exited with {proc.returncode}:\n{log_tail(tmp / 'daemon.log')}")
                 now = time.monotonic() - started
                 samples.append((now, rss_mb(proc.pid)))
                 if seen_at is None and state.exists() and _progress(state)[0] >= BATCHES:

@@ -25,6 +25,7 @@ from bench.common import (
     Section,
     child_env,
     free_port,
+    log_tail,
     median,
     poller_config,
     ratio,
@@ -40,8 +41,8 @@ TARGET = 1.0
 SINK = "mqtt"
 
 
-def prepare_state(state: Path, raw_config: dict[str, Any], batches: int) -> int:
-    """Write `batches` seen batches and their first-sight events (pending for SINK); returns pending rows."""
+def prepare_state(state: Path, raw_config: dict[str, Any], batches: int, sink: str = SINK) -> int:
+    """Write `batches` seen batches and their first-sight events (pending for `sink`); returns pending rows."""
     from bench.simproc import steady_sim  # noqa: PLC0415
     from poller.config import parse_config  # noqa: PLC0415
     from poller.daemon import tracker_settings  # noqa: PLC0415
@@ -57,7 +58,7 @@ def prepare_state(state: Path, raw_config: dict[str, Any], batches: int) -> int:
         intervals=intervals,
         policy=policy,
         backoff=backoff,
-        router=lambda _type, _meta: [SINK],
+        router=lambda _type, _meta: [sink],
         rand=random.Random(0).random,
     )
     sim, ids = steady_sim(batches, seed=5)
@@ -72,12 +73,12 @@ def prepare_state(state: Path, raw_config: dict[str, Any], batches: int) -> int:
                 if observation is not None and observation.update is not None:
                     updates.append(observation.update)
             store.save(updates, now)
-        return int(store.outbox_stats().get(SINK, {}).get("pending", 0))
+        return int(store.outbox_stats().get(sink, {}).get("pending", 0))
 
 
 def _start(config: Path, notify: socket.socket, address: str, expected: int) -> tuple[float, float]:
     """Spawn the daemon; seconds to READY=1 and to the STATUS= line that counts every tracked batch."""
-    notify.setblocking(False)
+    notify.settimeout(0.0)
     while True:  # drop anything a previous run left in the socket
         try:
             notify.recv(65536)
@@ -104,7 +105,8 @@ def _start(config: Path, notify: socket.socket, address: str, expected: int) -> 
             if status.startswith("tracking ") and status.split()[1] == str(expected) and loaded is None:
                 loaded = now
     except TimeoutError:
-        raise RuntimeError(f"no READY=1 / STATUS within 30 s; see {config.parent / 'daemon.log'}") from None
+        log = log_tail(config.parent / "daemon.log")
+        raise RuntimeError(f"no READY=1 / STATUS= within 30 s:\n{log}") from None
     finally:
         stop_process(proc)
     return ready, loaded

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -94,7 +93,7 @@ class DeliveryWorker:
         self.rand = rand
         self._wake = asyncio.Event()
         self._stopping = False
-        self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._in_flight: dict[tuple[str, str], tuple[OutboxRow, asyncio.Task[float | None]]] = {}
         self.disabled = False
         self._failing = False
         self.delivered = 0
@@ -110,18 +109,40 @@ class DeliveryWorker:
         name = self.sink.name
         while not self._stopping and not self.disabled:
             self._wake.clear()
+            self._reap()
             free = self.sink.max_in_flight - len(self._in_flight)
             if free > 0:
                 for row in self.store.due_heads(name, self.clock(), set(self._in_flight), free):
-                    key = (row.source, row.batch_id)
                     task = asyncio.create_task(self._deliver(row), name=f"poller.delivery[{name}].{row.batch_id}")
-                    self._in_flight[key] = task
-                    task.add_done_callback(functools.partial(self._done, key))
+                    self._in_flight[(row.source, row.batch_id)] = (row, task)
+                    task.add_done_callback(lambda _task: self._wake.set())
             await self._sleep()
 
-    def _done(self, key: tuple[str, str], _task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(key, None)
-        self._wake.set()
+    def _reap(self) -> None:
+        """Record every finished send: all acknowledgements since the last look in one transaction.
+
+        A batch stays in flight until its row is marked delivered, so its next row cannot overtake it.
+        """
+        finished = [(key, row, task) for key, (row, task) in self._in_flight.items() if task.done()]
+        if not finished:
+            return
+        delivered: list[tuple[OutboxRow, float]] = []
+        for _, row, task in finished:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:  # _deliver catches everything; this is a bug, and the row stays queued
+                log.error("delivery task failed", sink=self.sink.name, event_id=row.event_id, exc_info=error)
+            elif not task.cancelled() and (detected_at := task.result()) is not None:
+                delivered.append((row, detected_at))
+        if delivered:
+            now = self.clock()
+            self.store.mark_delivered(self.sink.name, [row.event_id for row, _ in delivered], now)
+            self.delivered += len(delivered)
+            self.metrics.deliveries.labels(self.sink.name, "delivered").inc(len(delivered))
+            latency = self.metrics.delivery_latency.labels(self.sink.name)
+            for _, detected_at in delivered:
+                latency.observe(max(now - detected_at, 0.0))
+        for key, _, _ in finished:
+            del self._in_flight[key]
 
     async def _sleep(self) -> None:
         """Until new rows, a finished send, or the next retry comes due (at most 5 s, as a safety net)."""
@@ -133,33 +154,30 @@ class DeliveryWorker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _deliver(self, row: OutboxRow) -> None:
+    async def _deliver(self, row: OutboxRow) -> float | None:
+        """Send one row; returns its detection time once acknowledged, None when the failure was recorded."""
         name = self.sink.name
         try:
             event = decode(row.payload)
         except ValueError as exc:  # a stored payload this version cannot read: never retry it in a loop
             self._record_failure(row, DeliveryError(name, f"stored event does not decode: {exc}", retryable=False))
-            return
+            return None
         try:
             await self.sink.send(event, row.payload)
         except DeliveryError as exc:
             self._record_failure(row, exc)
-            return
+            return None
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug in a sink must not kill delivery: count it as retryable
             log.exception("sink raised unexpectedly", sink=name, batch_id=row.batch_id, event_id=row.event_id)
             self._record_failure(row, DeliveryError(name, repr(exc), retryable=True))
-            return
-        now = self.clock()
-        self.store.mark_delivered(name, [row.event_id], now)
-        self.delivered += 1
-        self.metrics.deliveries.labels(name, "delivered").inc()
-        self.metrics.delivery_latency.labels(name).observe(max(now - event.data.detected_at, 0.0))
+            return None
         if self._failing:
             self._failing = False
             self.metrics.sink_up.labels(name).set(1)
             log.info("sink recovered", sink=name)
+        return event.data.detected_at
 
     def _record_failure(self, row: OutboxRow, exc: DeliveryError) -> None:
         name, now = self.sink.name, self.clock()
@@ -200,10 +218,11 @@ class DeliveryWorker:
         """Stop taking rows; let in-flight sends finish for up to `deadline` seconds, then cancel them."""
         self._stopping = True
         self._wake.set()
-        tasks = list(self._in_flight.values())
+        tasks = [task for _, task in self._in_flight.values()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=deadline)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        self._reap()  # acknowledged before the deadline: recorded, never sent again

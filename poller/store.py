@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (sink, event_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (sink, state, source, batch_id, sequence);
-CREATE INDEX IF NOT EXISTS outbox_ready ON outbox (sink, ready_at) WHERE ready_at IS NOT NULL;
+DROP INDEX IF EXISTS outbox_ready;
+CREATE INDEX IF NOT EXISTS outbox_heads ON outbox (sink, ready_at, enqueued_at) WHERE ready_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS untracked (
     source TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -79,6 +80,15 @@ CREATE TABLE IF NOT EXISTS untracked (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+#: The heads of a sink's queues that are due, oldest first: an index range scan, no sort (see outbox_heads).
+DUE_HEADS_SQL = (
+    "SELECT o.sink, o.event_id, o.source, o.batch_id, o.sequence, o.attempts, o.enqueued_at, e.payload"
+    " FROM outbox o JOIN events e ON e.id = o.event_id"
+    " WHERE o.sink = ? AND o.ready_at IS NOT NULL AND o.ready_at <= ?"
+    " ORDER BY o.ready_at, o.enqueued_at LIMIT ?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,13 +402,7 @@ class Store:
         Only a batch's lowest pending sequence is ever a head, so a batch's events go out strictly in
         order. Costs an index range scan of at most `limit + len(busy)` rows, whatever the backlog.
         """
-        rows = self._db.execute(
-            "SELECT o.sink, o.event_id, o.source, o.batch_id, o.sequence, o.attempts, o.enqueued_at, e.payload"
-            " FROM outbox o JOIN events e ON e.id = o.event_id"
-            " WHERE o.sink = ? AND o.ready_at IS NOT NULL AND o.ready_at <= ?"
-            " ORDER BY o.ready_at, o.enqueued_at LIMIT ?",
-            (sink, now, limit + len(busy)),
-        )
+        rows = self._db.execute(DUE_HEADS_SQL, (sink, now, limit + len(busy)))
         out = [
             OutboxRow(
                 sink=r["sink"],

@@ -11,7 +11,7 @@ import pytest
 
 from poller.models import Batch
 from poller.records import FINAL, GONE, NewEvent, TrackedBatch
-from poller.store import Store
+from poller.store import DUE_HEADS_SQL, Store
 from poller.transitions import Knowledge, Policy, detect
 
 SRC = "openai"
@@ -326,12 +326,9 @@ def test_heads_stay_cheap_with_a_large_backlog(store: Store) -> None:
     """due_heads reads only heads through an index: a deep queue behind one batch costs nothing."""
     enqueue(store, "deep", *[event("deep", i) for i in range(1, 2001)])
     enqueue(store, "b", event("b", 1))
-    plan = store._db.execute(
-        "EXPLAIN QUERY PLAN SELECT o.event_id FROM outbox o JOIN events e ON e.id = o.event_id"
-        " WHERE o.sink = ? AND o.ready_at IS NOT NULL AND o.ready_at <= ? ORDER BY o.ready_at, o.enqueued_at LIMIT ?",
-        ("mqtt", NOW, 10),
-    ).fetchall()
-    assert any("outbox_ready" in row[3] for row in plan), plan
+    plan = store._db.execute("EXPLAIN QUERY PLAN " + DUE_HEADS_SQL, ("mqtt", NOW, 10)).fetchall()
+    assert any("outbox_heads" in row[3] for row in plan), plan
+    assert not any("TEMP B-TREE" in row[3] for row in plan), plan  # the index gives the order: no sort
     assert sorted(heads(store)) == [("b", 1), ("deep", 1)]
     store.mark_delivered("mqtt", ["evt_deep_1"], NOW)
     assert sorted(heads(store)) == [("b", 1), ("deep", 2)]

@@ -331,10 +331,15 @@ class MqttSink:
     async def _publish(self, client: aiomqtt.Client, messages: list[_Message]) -> None:
         # aiomqtt's publish returns after PUBACK (QoS 1) / PUBCOMP (QoS 2). It does not notice a lost
         # connection, hence no timeout here: `send` races it against the session's end instead.
-        for m in messages:
-            await client.publish(
-                m.topic, m.payload, qos=self.config.qos, retain=m.retain, properties=m.properties, timeout=math.inf
+        # Both go out at once (paho writes them in order) and both acknowledgements are awaited.
+        await asyncio.gather(
+            *(
+                client.publish(
+                    m.topic, m.payload, qos=self.config.qos, retain=m.retain, properties=m.properties, timeout=math.inf
+                )
+                for m in messages
             )
+        )
 
     # -- rendering (pure) --------------------------------------------------------------------------------
 
