@@ -6,6 +6,7 @@ looks like a secret, as a guard behind the rule that secrets are never logged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -16,10 +17,15 @@ import structlog
 _SECRET_WORDS = ("api_key", "apikey", "authorization", "secret", "password", "token", "routing_key")
 
 
+@functools.cache
+def _secretish(key: str) -> bool:
+    lowered = key.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
 def _drop_secrets(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in list(event_dict):
-        if any(word in key.lower() for word in _SECRET_WORDS):
-            event_dict[key] = "[redacted]"
+    for key in [k for k in event_dict if _secretish(k)]:
+        event_dict[key] = "[redacted]"
     return event_dict
 
 

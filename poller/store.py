@@ -443,19 +443,23 @@ class Store:
         )
 
     def _finish(self, sink: str, event_ids: Sequence[str], state: str, error: str | None, now: float) -> None:
+        """Close rows (delivered or dead) and promote each affected batch's next row, in one transaction."""
         with self._tx() as db:
-            for event_id in event_ids:
-                row = db.execute(
-                    "SELECT source, batch_id FROM outbox WHERE sink = ? AND event_id = ?", (sink, event_id)
-                ).fetchone()
-                if row is None:
-                    continue
-                db.execute(
-                    "UPDATE outbox SET state = ?, attempts = attempts + 1, updated_at = ?, last_error = ?,"
-                    " ready_at = NULL WHERE sink = ? AND event_id = ?",
-                    (state, now, error, sink, event_id),
+            queues: set[tuple[str, str]] = set()
+            for start in range(0, len(event_ids), 500):
+                chunk = list(event_ids[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    "SELECT source, batch_id FROM outbox WHERE sink = ? AND event_id IN (" + marks + ")", [sink, *chunk]
                 )
-                self._promote(db, sink, row["source"], row["batch_id"])
+                queues.update((r["source"], r["batch_id"]) for r in rows)
+            db.executemany(
+                "UPDATE outbox SET state = ?, attempts = attempts + 1, updated_at = ?, last_error = ?,"
+                " ready_at = NULL WHERE sink = ? AND event_id = ?",
+                [(state, now, error, sink, event_id) for event_id in event_ids],
+            )
+            for source, batch_id in queues:
+                self._promote(db, sink, source, batch_id)
 
     def mark_delivered(self, sink: str, event_ids: Sequence[str], now: float) -> None:
         """The sink acknowledged these rows; the next row of each batch becomes its head."""

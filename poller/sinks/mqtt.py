@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import math
 import random
@@ -100,6 +101,7 @@ class MqttSink:
         self.config = config
         self.max_in_flight = config.max_in_flight
         self._rand = rand
+        self._templates: dict[tuple[str, float | None], Properties] = {}
         self._key = f"sinks.{name}"
         url = urlsplit(config.url)
         if url.username is not None or url.password is not None:
@@ -364,25 +366,31 @@ class MqttSink:
         else:
             body, content_type = payload, JSON_CONTENT_TYPE
         expiry = self.config.message_expiry
+        event_props = self._properties(event, content_type, expiry)
+        # The state message's properties equal the event's unless the event has its own type or expiry.
+        same = content_type == JSON_CONTENT_TYPE and expiry is None
+        state_props = event_props if same else self._properties(event, JSON_CONTENT_TYPE, None)
         return [
-            _Message(event_topic, body, retain=False, properties=self._properties(event, content_type, expiry)),
-            _Message(
-                state_topic,
-                state_payload(event),
-                retain=True,
-                properties=self._properties(event, JSON_CONTENT_TYPE, None),
-            ),
+            _Message(event_topic, body, retain=False, properties=event_props),
+            _Message(state_topic, state_payload(event), retain=True, properties=state_props),
         ]
 
     def _properties(self, event: Event, content_type: str, expiry: float | None) -> Properties | None:
         if not self._v5:
             return None
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho's properties are untyped
-        props.PayloadFormatIndicator = 1  # UTF-8
-        props.ContentType = content_type
+        key = (content_type, expiry)
+        template = self._templates.get(key)
+        if template is None:
+            # paho validates every attribute set (a scan of all property names each time): set the
+            # per-sink constants once and copy them per message.
+            template = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho is untyped
+            template.PayloadFormatIndicator = 1  # UTF-8
+            template.ContentType = content_type
+            if expiry is not None:
+                template.MessageExpiryInterval = max(1, math.ceil(expiry))
+            self._templates[key] = template
+        props = copy.copy(template)
         props.UserProperty = [("event_id", event.id), ("event_type", event.type), ("batch_id", event.batch_id)]
-        if expiry is not None:
-            props.MessageExpiryInterval = max(1, math.ceil(expiry))
         return props
 
 
