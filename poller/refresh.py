@@ -113,14 +113,16 @@ class Refresher:
         """Walk list pages newest first, applying every tracked batch seen; returns the targets not seen.
 
         Stops when every target was seen, the pages passed `stop_before` (a created_at), the pages ran
-        out, or `max_pages` were read.
+        out, or `max_pages` were read, unless pages keep paying for themselves (two or more targets
+        found per page read, so walking on costs fewer requests than retrieving the rest).
         """
         api = self.api
         assert api is not None, "the daemon opens the API client before polling"
         after: str | None = None
         marks: list[int] = []
-        items = tracked_seen = 0
-        for _ in range(max(max_pages, 1)):
+        items = tracked_seen = pages = found = 0
+        ceiling = len(targets)  # never more pages than one retrieve per target would cost
+        while True:
             try:
                 page = await api.list_page(after)
             except ApiError as exc:
@@ -132,13 +134,18 @@ class Refresher:
                 self._api_failed(exc, sorted(targets))
                 return set()
             self._api_ok()
+            pages += 1
             items += len(page.batches) + page.rejected
             tracked_seen += sum(1 for b in page.batches if b.id in self.tracker.batches)
-            targets -= {b.id for b in page.batches}
+            seen = {b.id for b in page.batches} & targets
+            found += len(seen)
+            targets -= seen
             self._apply(page.batches)
             if page.batches:
                 marks.append(page.batches[-1].created_at)
-            if not page.has_more or not page.last_id or _passed(page, stop_before) or not targets:
+            paying = found >= 2 * pages
+            budget_left = pages < max_pages or (paying and pages < ceiling)
+            if not page.has_more or not page.last_id or _passed(page, stop_before) or not targets or not budget_left:
                 break
             after = page.last_id
         self.tracker.learn_walk(marks, items, tracked_seen)

@@ -244,3 +244,18 @@ async def test_reload_that_cannot_build_a_sink_changes_nothing(tmp_path):
             sim.cancel(batch_id)
             await eventually(lambda: [e["type"] for e in read_jsonl(second)] == ["batch.cancelling"])
         assert [e["type"] for e in read_jsonl(first)] == ["batch.validating"]
+
+
+async def test_first_sight_walk_goes_on_while_pages_pay_for_themselves(tmp_path):
+    """200 tracked batches spread among the newest 2,000: walking 20 pages beats 200 retrieves."""
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        every = sim.create_batches(2000, spread=3600)
+        ids = every[::10]
+        raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
+        raw["source"]["track"] = ids
+        async with running(make_config(raw)) as daemon:
+            await eventually(lambda: all(b.created_at for b in daemon.tracker.batches.values()), timeout=30)
+        requests = sim.stats.as_dict()
+        assert requests["list"] <= 21, requests
+        assert requests["retrieve"] <= 5, requests
