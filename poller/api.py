@@ -64,6 +64,8 @@ class BatchApi:
         self._session: aiohttp.ClientSession | None = None
         #: Requests sent, by kind (retrieve, list, cancel): what bulk refresh economises.
         self.requests: Counter[str] = Counter()
+        #: When a request last went out or came back (monotonic): the daemon's liveness check reads it.
+        self.last_progress = 0.0
 
     async def __aenter__(self) -> Self:
         headers = {"User-Agent": f"batch-poller/{__version__}", "Accept": "application/json"}
@@ -144,6 +146,7 @@ class BatchApi:
             while (pause := self.pacer.paused_until - self._monotonic()) > 0:  # noqa: ASYNC110 - a 429 may extend it
                 await asyncio.sleep(pause)
             self.requests[kind] += 1
+            self.last_progress = self._monotonic()
             url = self.config.base_url + path
             try:
                 async with self._session.request(method, url, params=self._params(query)) as resp:
@@ -155,6 +158,7 @@ class BatchApi:
             except aiohttp.ClientError as exc:
                 self.metrics.api_requests.labels(kind, "error").inc()
                 raise ApiError(f"{kind} failed: {type(exc).__name__}: {exc}") from None
+        self.last_progress = self._monotonic()
         self.metrics.api_requests.labels(kind, f"{status // 100}xx").inc()
         request_id = headers.get("x-request-id")
         if status >= 400:

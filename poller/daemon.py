@@ -226,13 +226,27 @@ class Daemon:
         self._sink_stacks[name] = stack
         self.metrics.sink_up.labels(name).set(1)
         if self._serving:
-            self._worker_tasks[name] = asyncio.create_task(worker.run(), name=f"poller.delivery[{name}]")
+            self._start_worker(name, worker)
+
+    def _start_worker(self, name: str, worker: DeliveryWorker) -> None:
+        task = asyncio.create_task(worker.run(), name=f"poller.delivery[{name}]")
+        task.add_done_callback(self._worker_ended)
+        self._worker_tasks[name] = task
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """A delivery worker must only end when told to: a crash stops the daemon (exit 1, systemd restarts)."""
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("a delivery worker crashed; shutting down", task=task.get_name(), exc_info=error)
+            self.exit_code = 1
+            self.stop()
 
     async def _close_sink(self, name: str) -> None:
         """Stop one sink: in-flight sends get the shutdown deadline; its rows stay in the outbox."""
-        worker = self.workers.pop(name, None)
+        worker = self.workers.get(name)
         if worker is not None:
             await worker.stop(self.config.service.shutdown_timeout)
+            self.workers.pop(name, None)
         task = self._worker_tasks.pop(name, None)
         if task is not None:
             task.cancel()
@@ -247,7 +261,7 @@ class Daemon:
     async def _serve(self) -> None:
         self._serving = True
         for name, worker in self.workers.items():
-            self._worker_tasks[name] = asyncio.create_task(worker.run(), name=f"poller.delivery[{name}]")
+            self._start_worker(name, worker)
         poll = asyncio.create_task(self._poll_loop(), name="poller.poll_loop")
         watchdog = asyncio.create_task(watchdog_loop(self.notifier, lambda: self.liveness()[0]), name="poller.watchdog")
         self.health.loop_tick = time.monotonic()
@@ -335,8 +349,8 @@ class Daemon:
             await self._close_api()
             await self._open_api()
         self._sink_configs = sink_configs
-        for name in [n for n in self.workers if n not in sink_configs or n in built]:
-            await self._close_sink(name)
+        # Concurrently: each may take the shutdown deadline to let its in-flight sends finish.
+        await asyncio.gather(*(self._close_sink(n) for n in list(self.workers) if n not in sink_configs or n in built))
         for name, sink in built.items():
             await self._open_sink(name, sink)
 
@@ -359,10 +373,12 @@ class Daemon:
         ok = age is not None and age < LOOP_STALL
         cycle_age = None
         if self._cycle is not None:
-            cycle_age = now - self._cycle_started
+            # A long cycle is fine while requests keep going out and coming back; a silent one is hung.
             api = self._api
+            last = max(self._cycle_started, api.last_progress if api is not None else 0.0)
+            cycle_age = now - last
             pause = max(api.pacer.paused_until - now, 0.0) if api is not None else 0.0
-            ok = ok and cycle_age < max(LOOP_STALL, 4 * self.config.source.timeout) + pause
+            ok = ok and cycle_age < max(LOOP_STALL, 2 * self.config.source.timeout) + pause
         return ok, {
             "loop_tick_age": None if age is None else round(age, 3),
             "cycle_age": None if cycle_age is None else round(cycle_age, 3),

@@ -113,6 +113,8 @@ class DeliveryWorker:
             free = self.sink.max_in_flight - len(self._in_flight)
             if free > 0:
                 for row in self.store.due_heads(name, self.clock(), set(self._in_flight), free):
+                    if (row.source, row.batch_id) in self._in_flight:
+                        continue
                     task = asyncio.create_task(self._deliver(row), name=f"poller.delivery[{name}].{row.batch_id}")
                     self._in_flight[(row.source, row.batch_id)] = (row, task)
                     task.add_done_callback(lambda _task: self._wake.set())

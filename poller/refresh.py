@@ -113,20 +113,20 @@ class Refresher:
         """Walk list pages newest first, applying every tracked batch seen; returns the targets not seen.
 
         Stops when every target was seen, the pages passed `stop_before` (a created_at), the pages ran
-        out, or `max_pages` were read, unless pages keep paying for themselves (two or more targets
-        found per page read, so walking on costs fewer requests than retrieving the rest).
+        out, or `max_pages` were read, unless pages keep paying for themselves (the last page found two or
+        more targets, so reading the next one likely costs fewer requests than retrieving them).
         """
         api = self.api
         assert api is not None, "the daemon opens the API client before polling"
         after: str | None = None
         marks: list[int] = []
-        items = tracked_seen = pages = found = 0
+        items = tracked_seen = pages = 0
         ceiling = len(targets)  # never more pages than one retrieve per target would cost
         while True:
             try:
                 page = await api.list_page(after)
             except ApiError as exc:
-                if exc.status in {404, 405}:
+                if exc.status in {404, 405} and after is None:
                     # Some compatible APIs and proxies have no list endpoint: retrieve one by one from now on.
                     self.list_unavailable = True
                     log.warning("the API has no batch list endpoint; refreshing with one retrieve per batch")
@@ -138,12 +138,11 @@ class Refresher:
             items += len(page.batches) + page.rejected
             tracked_seen += sum(1 for b in page.batches if b.id in self.tracker.batches)
             seen = {b.id for b in page.batches} & targets
-            found += len(seen)
             targets -= seen
             self._apply(page.batches)
             if page.batches:
                 marks.append(page.batches[-1].created_at)
-            paying = found >= 2 * pages
+            paying = len(seen) >= 2  # this page found enough to justify reading the next one
             budget_left = pages < max_pages or (paying and pages < ceiling)
             if not page.has_more or not page.last_id or _passed(page, stop_before) or not targets or not budget_left:
                 break

@@ -75,6 +75,10 @@ def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
+#: 429s closer together than this (and any during a Retry-After pause) halve the rate only once.
+PENALTY_WINDOW = 1.0
+
+
 class Pacer:
     """Global request pacing: a token bucket whose rate halves on 429 and recovers while calls succeed.
 
@@ -109,7 +113,8 @@ class Pacer:
         Requests already in flight when the first 429 arrives get 429s too; those extend the pause but
         do not halve the rate again.
         """
-        if now >= self._paused_until:
+        # A burst of 429s from requests that were in flight together is one signal, not several.
+        if now >= self._paused_until and now - self._last_penalty >= PENALTY_WINDOW:
             self.rate = max(self.min_rate, self.rate / 2.0)
         self._last_penalty = now
         if retry_after is not None:

@@ -403,20 +403,25 @@ class Store:
         order. Costs an index range scan of at most `limit + len(busy)` rows, whatever the backlog.
         """
         rows = self._db.execute(DUE_HEADS_SQL, (sink, now, limit + len(busy)))
-        out = [
-            OutboxRow(
-                sink=r["sink"],
-                event_id=r["event_id"],
-                source=r["source"],
-                batch_id=r["batch_id"],
-                sequence=r["sequence"],
-                attempts=r["attempts"],
-                payload=r["payload"].encode(),
-                enqueued_at=r["enqueued_at"],
+        taken: set[tuple[str, str]] = set(busy)
+        out: list[OutboxRow] = []
+        for r in rows:
+            key = (r["source"], r["batch_id"])
+            if key in taken:  # one row per batch, none of a batch in flight (each queue has one head)
+                continue
+            taken.add(key)
+            out.append(
+                OutboxRow(
+                    sink=r["sink"],
+                    event_id=r["event_id"],
+                    source=r["source"],
+                    batch_id=r["batch_id"],
+                    sequence=r["sequence"],
+                    attempts=r["attempts"],
+                    payload=r["payload"].encode(),
+                    enqueued_at=r["enqueued_at"],
+                )
             )
-            for r in rows
-            if (r["source"], r["batch_id"]) not in busy
-        ]
         return out[:limit]
 
     def next_ready_at(self, sink: str, busy: set[tuple[str, str]] | None = None) -> float | None:
@@ -472,8 +477,10 @@ class Store:
     def mark_retry(self, sink: str, event_id: str, next_attempt_at: float, error: str, now: float) -> None:
         """A failed attempt: the row stays its batch's head and is due again at `next_attempt_at`."""
         with self._tx() as db:
+            # Still the head unless a redelivered earlier row took its place meanwhile: then it waits its turn.
             db.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, ready_at = ?, last_error = ?,"
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
+                " ready_at = CASE WHEN ready_at IS NULL THEN NULL ELSE ? END, last_error = ?,"
                 " updated_at = ? WHERE sink = ? AND event_id = ?",
                 (next_attempt_at, next_attempt_at, error[:500], now, sink, event_id),
             )

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sqlite3
 
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from poller.daemon import Daemon
 from poller.simulator import Fault, serve
 from tests.helpers import (
     FINAL,
+    KEY,
+    KEY_ENV,
     check_event_log,
     config_dict,
     eventually,
@@ -259,3 +263,21 @@ async def test_first_sight_walk_goes_on_while_pages_pay_for_themselves(tmp_path)
         requests = sim.stats.as_dict()
         assert requests["list"] <= 21, requests
         assert requests["retrieve"] <= 5, requests
+
+
+async def test_a_crashed_delivery_worker_stops_the_daemon_with_exit_1(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        [batch_id] = sim.create_batches(1)
+        raw = config_dict(url, tmp_path / "state.db", [{"kind": "file", "path": str(tmp_path / "e.jsonl")}])
+        raw["source"]["track"] = [batch_id]
+        daemon = Daemon(make_config(raw), environ={KEY_ENV: KEY})
+        task = asyncio.create_task(daemon.run())
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+
+        def broken(*_args, **_kwargs):
+            raise sqlite3.OperationalError("database is locked")
+
+        daemon.workers["file"].store = type("Broken", (), {"due_heads": broken, "next_ready_at": broken})()
+        daemon.workers["file"].wake()
+        assert await asyncio.wait_for(task, 30) == 1

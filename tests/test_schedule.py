@@ -212,7 +212,7 @@ def test_pacer_penalize_without_retry_after_does_not_pause() -> None:
 
 def test_pacer_reward_recovers_only_after_the_recovery_period() -> None:
     pacer = Pacer(8.0, recovery=30.0)
-    pacer.penalize(100.0, None)
+    pacer.penalize(99.0, None)
     pacer.penalize(100.0, None)
     assert pacer.rate == 2.0
 
@@ -256,3 +256,10 @@ def test_pacer_configure_keeps_the_pause() -> None:
     assert pacer.paused_until == 130.0
     assert pacer.max_rate == 20.0
     assert pacer.rate == 4.0
+
+
+def test_pacer_a_burst_of_429s_without_retry_after_halves_once() -> None:
+    pacer = Pacer(10.0)
+    for i in range(8):  # eight requests in flight together all come back 429
+        pacer.penalize(100.0 + i * 0.01, None)
+    assert pacer.rate == 5.0

@@ -343,3 +343,16 @@ def test_retracking_resumes_the_sequence_and_remembers_announced_statuses(store:
     known = store.batch(SRC, "a").knowledge
     assert known.sequence == 2
     assert known.status is None
+
+
+def test_a_row_failing_after_an_earlier_one_was_redelivered_does_not_become_a_second_head(store: Store) -> None:
+    enqueue(store, "a", event("a", 1), event("a", 2))
+    store.mark_dead("mqtt", "evt_a_1", "400", NOW)
+    assert heads(store) == [("a", 2)]  # row 2 goes out (in flight now) ...
+    assert store.redeliver("mqtt", None, NOW + 1) == 1  # ... while the CLI re-queues row 1
+    store.mark_retry("mqtt", "evt_a_2", NOW + 2, "503", NOW + 1)  # then row 2 fails
+    assert heads(store, now=NOW + 10) == [("a", 1)]  # one head: the redelivered row, then row 2
+    ready = store._db.execute("SELECT COUNT(*) FROM outbox WHERE batch_id = 'a' AND ready_at IS NOT NULL")
+    assert ready.fetchone()[0] == 1
+    store.mark_delivered("mqtt", ["evt_a_1"], NOW + 3)
+    assert heads(store, now=NOW + 10) == [("a", 2)]
