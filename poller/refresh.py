@@ -197,7 +197,9 @@ class Refresher:
         now = self.clock()
         added = self.store.track(self.source, [b.id for b in fresh], "discover", now)
         for batch_id in added:
-            self.tracker.batches[batch_id] = TrackedBatch(self.source, batch_id, "discover", now)
+            # The stored row, not a blank one: a batch tracked before resumes its recorded sequence.
+            row = self.store.batch(self.source, batch_id)
+            self.tracker.batches[batch_id] = row or TrackedBatch(self.source, batch_id, "discover", now)
         if added:
             log.info("discovered batches", count=len(added))
 
