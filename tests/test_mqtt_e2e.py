@@ -76,9 +76,20 @@ class Recorder:
                 await asyncio.sleep(0.05)
 
     def events(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(m.payload) for m in self.messages if "/event/" in m.topic.value and isinstance(m.payload, bytes)
-        ]
+        """Every event message, as the OpenAI-shaped envelope (CloudEvents ones checked and mapped back)."""
+        out = []
+        for m in self.messages:
+            if "/event/" not in m.topic.value or not isinstance(m.payload, bytes):
+                continue
+            body = json.loads(m.payload)
+            if "specversion" in body:
+                assert body["specversion"] == "1.0"
+                assert body["subject"] == body["data"]["id"]
+                assert body["datacontenttype"] == "application/json"
+                assert m.topic.value.endswith("/event/" + body["type"])
+                body = {"id": body["id"], "type": body["type"], "data": body["data"]}
+            out.append(body)
+        return out
 
     def unique_events(self) -> list[dict[str, Any]]:
         """At-least-once: a publish whose ack was lost comes again under the same id; keep first sightings."""
@@ -132,12 +143,13 @@ def check_ordered_per_batch(events: list[dict[str, Any]]) -> None:
         assert seqs == sorted(seqs), f"{batch_id}: out of order {seqs}"
 
 
-async def test_twenty_batches_through_mqtt(mosquitto: Mosquitto, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["openai", "cloudevents"])
+async def test_twenty_batches_through_mqtt(mosquitto: Mosquitto, tmp_path: Path, fmt: str) -> None:
     sim = fast_sim(speed=0.001)
     async with serve(sim) as url, Recorder(mosquitto) as recorder:
         ids = sim.create_batches(20)
         events_file = tmp_path / "events.jsonl"
-        sinks = [{"kind": "mqtt", "url": mosquitto.url}, {"kind": "file", "path": str(events_file)}]
+        sinks = [{"kind": "mqtt", "url": mosquitto.url, "format": fmt}, {"kind": "file", "path": str(events_file)}]
         raw = config_dict(url, tmp_path / "state.db", sinks)
         raw["source"]["track"] = ids
         async with running(make_config(raw)) as daemon:
