@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from poller.errors import ConfigError
 from poller.models import KNOWN_STATUSES
 from poller.records import ACTIVE, NewEvent, TrackedBatch
 from poller.transitions import Knowledge
@@ -78,7 +79,6 @@ CREATE TABLE IF NOT EXISTS untracked (
     at REAL NOT NULL,
     PRIMARY KEY (source, id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -170,9 +170,20 @@ class Store:
             # WAL with synchronous=NORMAL survives any process crash; a power cut may lose the last
             # commits, which the next poll re-detects under the same event ids.
             self._db.execute("PRAGMA synchronous = NORMAL")
+            self._check_schema()
             self._db.executescript(_SCHEMA)
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+
+    def _check_schema(self) -> None:
+        """Refuse a state file written by another schema version rather than misread it."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        used = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'").fetchone()
+        if used and version != SCHEMA_VERSION:
+            self._db.close()
+            raise ConfigError(
+                "state.path",
+                f"{self.path} has state schema version {version}; this batch-poller reads version {SCHEMA_VERSION}",
+                "run the batch-poller version that wrote it until its outbox is drained, then move the file aside",
             )
 
     def close(self) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from poller.errors import ConfigError
 from poller.models import Batch
 from poller.records import FINAL, GONE, NewEvent, TrackedBatch
 from poller.store import DUE_HEADS_SQL, Store
@@ -356,3 +358,16 @@ def test_a_row_failing_after_an_earlier_one_was_redelivered_does_not_become_a_se
     assert ready.fetchone()[0] == 1
     store.mark_delivered("mqtt", ["evt_a_1"], NOW + 3)
     assert heads(store, now=NOW + 10) == [("a", 2)]
+
+
+def test_a_state_file_of_another_schema_version_is_refused_with_the_fix(tmp_path) -> None:
+    path = tmp_path / "state.db"
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(ConfigError) as info:
+        Store(path)
+    assert info.value.key == "state.path"
+    assert "version 99" in info.value.render()
+    Store(tmp_path / "fresh.db").close()  # a new file is simply created
