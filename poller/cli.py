@@ -137,6 +137,8 @@ def _cmd_show(args: argparse.Namespace, source: str, store: Store, now: float) -
     if not events and store.batch(source, args.id) is None:
         print(f"{args.id}: not tracked and no events recorded", file=sys.stderr)
         return 1
+    if not events:
+        print(f"{args.id}: tracked, no events recorded yet (not polled yet)", file=sys.stderr)
     for event in events:
         if args.json:
             print(json.dumps(event, separators=(",", ":")))
@@ -201,7 +203,7 @@ def _status(config: Config, *, as_json: bool) -> int:
             batches = store.batches(config.source.source_name)
             tracked: dict[str, int] = {}
             for b in batches:
-                key = b.knowledge.status or "unknown" if b.state == "active" else b.state
+                key = (b.knowledge.status or "not yet polled") if b.state == "active" else b.state
                 tracked[key] = tracked.get(key, 0) + 1
             report = {"daemon": "not answering", "tracked": tracked, "sinks": store.outbox_stats()}
     else:
@@ -254,7 +256,7 @@ def _print_list(batches: list[TrackedBatch], now: float, *, as_json: bool) -> No
     print(f"{'ID':<34} {'STATUS':<12} {'PROGRESS':<20} {'AGE':>5} {'NEXT POLL':>9}  TRACKED")
     for b in batches:
         counts = (b.snapshot or {}).get("request_counts") or {}
-        status = b.knowledge.status or "?"
+        status = b.knowledge.status or "(pending)"
         if b.state == "gone":
             status = "gone (404)"
         age = _ago(now - b.created_at) if b.created_at else "-"
