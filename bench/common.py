@@ -285,35 +285,6 @@ def poller_config(
     }
 
 
-def write_toml(path: Path, raw: dict[str, Any]) -> Path:
-    """A minimal TOML writer for config shapes (tables, arrays of tables, scalars, lists, inline tables)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
-        raise TypeError(v)
-
-    lines: list[str] = []
-    for section, body in raw.items():
-        if section == "sinks":
-            for sink in body:
-                lines.append("[[sinks]]")
-                lines.extend(f"{k} = {value(v)}" for k, v in sink.items())
-        else:
-            lines.append(f"[{section}]")
-            lines.extend(f"{k} = {value(v)}" for k, v in body.items())
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def devnull_logging(level: str = "info") -> None:
     """Configure the daemon's logging as in production (JSON lines) but into /dev/null."""
     from poller.logs import configure  # noqa: PLC0415

@@ -42,9 +42,9 @@ from bench.common import (
     sim_process,
     stop_process,
     workdir,
-    write_toml,
 )
 from bench.memory import daemon_command
+from tests.helpers import write_toml  # one TOML writer for the tests and the benchmarks
 
 EVENTS = 5_000
 REPS = 3

@@ -33,9 +33,9 @@ from bench.common import (
     sim_process,
     stop_process,
     workdir,
-    write_toml,
 )
 from bench.driver import pre_track
+from tests.helpers import write_toml  # one TOML writer for the tests and the benchmarks
 
 BATCHES = 10_000
 TARGET_MB = 150.0

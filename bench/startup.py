@@ -31,9 +31,9 @@ from bench.common import (
     ratio,
     stop_process,
     workdir,
-    write_toml,
 )
 from bench.memory import daemon_command
+from tests.helpers import write_toml  # one TOML writer for the tests and the benchmarks
 
 BATCHES = 10_000
 REPS = 5
