@@ -172,5 +172,6 @@ def pruned_event(source: str, known: Knowledge, batch: Batch, now: float) -> tup
         sequence=seq,
         created_at=int(now),
         detected_at=now,
+        discriminator=str(seq),  # a batch re-tracked and pruned again needs a new notice
     )
     return replace(known, sequence=seq), event
