@@ -15,6 +15,7 @@ from typing import Any
 
 from poller.config import Config, parse_config
 from poller.daemon import Daemon
+from poller.models import Batch
 from poller.simulator import SimClock, SimProfile, Simulator
 
 KEY_ENV = "BATCH_POLLER_TEST_KEY"
@@ -30,6 +31,20 @@ FAST_PROFILE = SimProfile(
     p_failed=0.1,
     p_expired=0.0,
 )
+
+
+def make_batch(status: str = "validating", batch_id: str = "batch_a", **fields: Any) -> Batch:
+    """A Batch with every required field filled (created 1_700_000_000); `fields` add or override any field."""
+    raw: dict[str, Any] = {
+        "id": batch_id,
+        "object": "batch",
+        "endpoint": "/v1/chat/completions",
+        "input_file_id": "file-in",
+        "completion_window": "24h",
+        "created_at": 1_700_000_000,
+        "status": status,
+    }
+    return Batch.model_validate(raw | fields)
 
 
 def fast_sim(speed: float = 30.0, seed: int = 7, **kwargs: Any) -> Simulator:

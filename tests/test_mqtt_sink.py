@@ -24,6 +24,7 @@ from poller.errors import ConfigError, DeliveryError
 from poller.events import encode, make_event
 from poller.models import Batch, Event
 from poller.sinks.mqtt import MqttSink
+from tests import helpers
 from tests.broker import Mosquitto, MosquittoFactory, TlsFiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,19 +37,12 @@ def fast() -> float:
 
 
 def make_batch(batch_id: str, status: str = "in_progress", completed: int = 3) -> Batch:
-    return Batch.model_validate(
-        {
-            "id": batch_id,
-            "object": "batch",
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-            "input_file_id": "file-in",
-            "created_at": 1_700_000_000,
-            "in_progress_at": 1_700_000_060,
-            "status": status,
-            "request_counts": {"completed": completed, "failed": 0, "total": 10},
-            "metadata": {"team": "ml"},
-        }
+    return helpers.make_batch(
+        status,
+        batch_id,
+        in_progress_at=1_700_000_060,
+        request_counts={"completed": completed, "failed": 0, "total": 10},
+        metadata={"team": "ml"},
     )
 
 

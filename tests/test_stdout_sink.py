@@ -8,23 +8,13 @@ import pytest
 
 from poller.errors import DeliveryError
 from poller.events import encode, make_event
-from poller.models import Batch
 from poller.sinks.stdout import StdoutSink
+from tests.helpers import make_batch
 
 
 def event(status: str, previous: str | None, counts: tuple[int, int, int] | None = None):
-    raw = {
-        "id": "batch_1",
-        "object": "batch",
-        "endpoint": "/v1/chat/completions",
-        "input_file_id": "file_1",
-        "completion_window": "24h",
-        "created_at": 1_700_000_000,
-        "status": status,
-    }
-    if counts:
-        raw["request_counts"] = dict(zip(("completed", "failed", "total"), counts, strict=True))
-    batch = Batch.model_validate(raw)
+    fields = {"request_counts": dict(zip(("completed", "failed", "total"), counts, strict=True))} if counts else {}
+    batch = make_batch(status, "batch_1", **fields)
     return make_event(
         source="openai",
         batch=batch,

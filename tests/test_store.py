@@ -15,6 +15,7 @@ from poller.models import Batch
 from poller.records import FINAL, GONE, NewEvent, TrackedBatch
 from poller.store import DUE_HEADS_SQL, Store
 from poller.transitions import Knowledge, Policy, detect
+from tests.helpers import make_batch
 
 SRC = "openai"
 NOW = 1_700_000_000.0
@@ -267,18 +268,13 @@ def real_knowledge() -> Knowledge:
     policy = Policy(progress_interval=1.0, stall_after=10.0, expiry_warning=10_000.0)
 
     def batch(done: int) -> Batch:
-        return Batch.model_validate(
-            {
-                "id": "a",
-                "object": "batch",
-                "endpoint": "/v1/embeddings",
-                "input_file_id": "f",
-                "completion_window": "24h",
-                "created_at": 1,
-                "status": "in_progress",
-                "expires_at": int(NOW) + 5_000,
-                "request_counts": {"completed": done, "failed": 1, "total": 9},
-            }
+        return make_batch(
+            "in_progress",
+            "a",
+            endpoint="/v1/embeddings",
+            created_at=1,
+            expires_at=int(NOW) + 5_000,
+            request_counts={"completed": done, "failed": 1, "total": 9},
         )
 
     known = Knowledge()

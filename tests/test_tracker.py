@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
 
 import pytest
 
 from poller.errors import ApiError
 from poller.events import decode
-from poller.models import Batch
 from poller.records import ACTIVE, FINAL, GONE, TrackedBatch
 from poller.schedule import Intervals
 from poller.tracker import Backoff, Tracker
 from poller.transitions import Policy
+from tests.helpers import make_batch
 
 SOURCE = "openai"
 T0 = 1_700_000_000
@@ -50,21 +49,6 @@ def make_tracker(rand: random.Random | None = None, ids: tuple[str, ...] = ("bat
     )
     tracker.load(TrackedBatch(source=SOURCE, id=i, origin="cli", added_at=0.0) for i in ids)
     return tracker
-
-
-def make_batch(status: str, batch_id: str = "batch_a", **fields: Any) -> Batch:
-    return Batch.model_validate(
-        {
-            "id": batch_id,
-            "object": "batch",
-            "endpoint": "/v1/chat/completions",
-            "input_file_id": "file-in",
-            "completion_window": "24h",
-            "created_at": T0,
-            "status": status,
-            **fields,
-        }
-    )
 
 
 # -- observe -----------------------------------------------------------------------------------------

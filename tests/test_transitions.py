@@ -11,25 +11,12 @@ import pytest
 
 from poller.models import Batch, Event
 from poller.transitions import Detection, Knowledge, Policy, detect
+from tests.helpers import make_batch
 
 SOURCE = "openai"
 T0 = 1_700_000_000  # the batch's created_at
 NOW = T0 + 5_000  # a detection time later than every *_at used below
 POLICY = Policy(progress=True, progress_interval=60.0, stall_after=1800.0, expiry_warning=3600.0)
-
-
-def make_batch(status: str, batch_id: str = "batch_abc", **fields: Any) -> Batch:
-    raw: dict[str, Any] = {
-        "id": batch_id,
-        "object": "batch",
-        "endpoint": "/v1/chat/completions",
-        "input_file_id": "file-in",
-        "completion_window": "24h",
-        "created_at": T0,
-        "status": status,
-        **fields,
-    }
-    return Batch.model_validate(raw)
 
 
 def counts(completed: int, failed: int = 0, total: int = 100) -> dict[str, int]:
@@ -167,7 +154,7 @@ def test_status_events(
     for event in result.events:
         assert event.type == f"batch.{event.data.status}"
         assert event.object == "event"
-        assert event.data.id == "batch_abc"
+        assert event.data.id == "batch_a"
         assert event.data.source == SOURCE
         assert event.data.detected_at == NOW
         assert event.data.batch == fetched.wire()
@@ -269,9 +256,9 @@ def test_redetection_after_a_crash_gives_the_same_ids() -> None:
 @pytest.mark.parametrize(
     ("source", "batch_id", "status"),
     [
-        pytest.param("azure", "batch_abc", "validating", id="other-source"),
+        pytest.param("azure", "batch_a", "validating", id="other-source"),
         pytest.param(SOURCE, "batch_other", "validating", id="other-batch"),
-        pytest.param(SOURCE, "batch_abc", "in_progress", id="other-type"),
+        pytest.param(SOURCE, "batch_a", "in_progress", id="other-type"),
     ],
 )
 def test_ids_differ_when_source_batch_or_type_differ(source: str, batch_id: str, status: str) -> None:
@@ -518,18 +505,7 @@ def test_sequence_is_strict_over_a_whole_lifecycle() -> None:
 
 
 def test_first_sight_of_a_retracked_batch_does_not_announce_a_known_status_again() -> None:
-    batch = Batch.model_validate(
-        {
-            "id": "batch_r",
-            "object": "batch",
-            "endpoint": "/v1/chat/completions",
-            "input_file_id": "f",
-            "completion_window": "24h",
-            "created_at": 1000,
-            "status": "in_progress",
-            "in_progress_at": 1010,
-        }
-    )
+    batch = make_batch("in_progress", "batch_r", created_at=1000, in_progress_at=1010)
     known = Knowledge(sequence=2, seen=frozenset({"validating", "in_progress"}))
     detection = detect("openai", known, batch, 2000.0, Policy())
     assert detection.events == []

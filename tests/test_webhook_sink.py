@@ -30,10 +30,11 @@ from poller.delivery import DeliveryWorker
 from poller.errors import ConfigError, DeliveryError
 from poller.events import cloudevent, encode, make_event
 from poller.metrics import Metrics
-from poller.models import Batch, Event
+from poller.models import Event
 from poller.records import NewEvent, TrackedBatch
 from poller.sinks.webhook import WebhookSink, classify
 from poller.store import Store
+from tests.helpers import make_batch
 
 
 def new_secret() -> str:
@@ -122,21 +123,15 @@ SOURCE = "openai"
 
 def make(batch_id: str, event_type: str, sequence: int, *, previous: str | None = None, **extra: Any) -> Event:
     status = event_type.removeprefix("batch.")
-    raw: dict[str, Any] = {
-        "id": batch_id,
-        "object": "batch",
-        "endpoint": "/v1/chat/completions",
-        "completion_window": "24h",
-        "input_file_id": "file-in",
+    fields: dict[str, Any] = {
         "created_at": 1714550000,
         "expires_at": 1714550000 + 86400,
-        "status": status,
         "metadata": {"team": "ml"},
         "request_counts": {"completed": 1, "failed": 0, "total": 2},
     } | extra
     return make_event(
         source=SOURCE,
-        batch=Batch.model_validate(raw),
+        batch=make_batch(batch_id=batch_id, **({"status": status} | fields)),
         event_type=event_type,
         status=status,
         previous_status=previous,
