@@ -126,10 +126,7 @@ async def _poller(url: str, ids: list[str], state: Path) -> dict[str, Any]:
             requests.append(refresh.total)
         # The same refresh forced through one retrieve per batch: the client's own cost per request.
         tracker: Any = driver.daemon.tracker
-        if hasattr(tracker, "plan_walk"):
-            tracker.plan_walk = lambda _due: None
-        else:
-            tracker.prefer_list = lambda _due: False
+        tracker.plan_walk = lambda _due: None
         forced = await driver.full_refresh()
     return {
         "forced_cpu": forced.cpu,

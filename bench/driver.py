@@ -1,8 +1,7 @@
 """Drive a `Daemon` in this event loop: wait for its first refresh, then force full refreshes on demand.
 
 A full refresh is what `Daemon._poll_loop` does when every tracked batch is due at once: set every
-`next_due` to 0 and wake the loop; it refreshes them all in one call (`Refresher.refresh(due)`, formerly
-`Daemon._refresh`). The driver wraps that method, for as long as the daemon runs, to learn when the call
+`next_due` to 0 and wake the loop; it refreshes them all in one call (`Refresher.refresh(due)`). The driver wraps that method, for as long as the daemon runs, to learn when the call
 returned, so nothing polls the tracked set while it is measured. One driver per process at a time.
 """
 
@@ -21,6 +20,7 @@ from bench.common import KEY, KEY_ENV
 from poller.config import Config, parse_config
 from poller.daemon import Daemon
 from poller.records import ACTIVE, TrackedBatch
+from poller.refresh import Refresher
 from poller.store import Store
 
 #: Seconds a refresh may take before the benchmark gives up.
@@ -29,7 +29,7 @@ REFRESH_TIMEOUT = 300.0
 
 @dataclass(frozen=True)
 class Refresh:
-    """One call of `Daemon._refresh`: how many batches were due, what it cost, and what was left over."""
+    """One call of `Refresher.refresh`: how many batches were due, what it cost, and what was left over."""
 
     due: int
     requests: dict[str, int]
@@ -61,15 +61,8 @@ class DaemonDriver:
         self._restore: Callable[[], None] | None = None
 
     def _observe(self) -> Callable[[], None]:
-        """Wrap the refresh entry point (`Refresher.refresh`, or `Daemon._refresh` in older layouts)."""
-        owner: Any = Daemon
-        name = "_refresh"
-        try:
-            from poller.refresh import Refresher  # noqa: PLC0415 - the module exists in newer layouts
-
-            owner, name = Refresher, "refresh"
-        except ImportError:
-            pass
+        """Wrap the refresh entry point, `Refresher.refresh`, for as long as the daemon runs."""
+        owner, name = Refresher, "refresh"
         original: Callable[[Any, list[TrackedBatch]], Awaitable[None]] = getattr(owner, name)
         driver = self
 
@@ -112,7 +105,7 @@ class DaemonDriver:
     async def first_refresh(self) -> Refresh:
         """The refresh of first sight (the daemon's first loop turn finds every tracked batch due).
 
-        Its CPU is the `_refresh` call's own; requests are counted since the daemon started.
+        Its CPU is the `refresh` call's own; requests are counted since the daemon started.
         """
         await asyncio.wait_for(self._done.wait(), REFRESH_TIMEOUT)
         assert self._last is not None
@@ -121,7 +114,7 @@ class DaemonDriver:
         return Refresh(due, dict(self._requests()), cpu, wall, missed)
 
     async def full_refresh(self) -> Refresh:
-        """Make every active batch due, wake the loop and wait for the one `_refresh` call that follows.
+        """Make every active batch due, wake the loop and wait for the one `refresh` call that follows.
 
         CPU and wall time are the whole process's from the wake to the end of that call.
         """

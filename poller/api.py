@@ -24,12 +24,10 @@ from poller import __version__
 from poller.config import SourceConfig
 from poller.errors import ApiError, BadResponseError
 from poller.metrics import Metrics
-from poller.models import Batch, BatchList
+from poller.models import LIST_PAGE_SIZE, Batch, BatchList
 from poller.schedule import Pacer, parse_retry_after
 
 log = structlog.get_logger("poller.api")
-
-PAGE_SIZE = 100
 
 
 class Page:
@@ -105,7 +103,7 @@ class BatchApi:
         body = await self._request("cancel", "POST", f"/batches/{batch_id}/cancel")
         return self._batch(body, "cancel")
 
-    async def list_page(self, after: str | None = None, limit: int = PAGE_SIZE) -> Page:
+    async def list_page(self, after: str | None = None, limit: int = LIST_PAGE_SIZE) -> Page:
         query = {"limit": str(limit)}
         if after:
             query["after"] = after

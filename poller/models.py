@@ -18,6 +18,8 @@ BatchStatus = Literal[
 LIFECYCLE: Final[tuple[str, ...]] = ("validating", "in_progress", "finalizing", "cancelling")
 FINAL_STATUSES: Final[frozenset[str]] = frozenset({"completed", "failed", "expired", "cancelled"})
 KNOWN_STATUSES: Final[frozenset[str]] = frozenset(LIFECYCLE) | FINAL_STATUSES
+#: The most batches one `GET /batches` page returns (the API's `limit` maximum).
+LIST_PAGE_SIZE: Final = 100
 
 
 class _Open(BaseModel):

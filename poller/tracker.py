@@ -14,15 +14,13 @@ from dataclasses import dataclass, replace
 
 from poller.errors import ApiError
 from poller.events import encode
-from poller.models import Batch, Event
+from poller.models import LIST_PAGE_SIZE, Batch, Event
 from poller.records import ACTIVE, FINAL, GONE, NewEvent, TrackedBatch
 from poller.schedule import Intervals, Rand, error_delay
 from poller.transitions import Policy, detect, is_final
 
 Router = Callable[[str, dict[str, str] | None], list[str]]
 Update = tuple[TrackedBatch, list[NewEvent]]
-
-PAGE_SIZE = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +160,7 @@ class Tracker:
             descending = [-m for m in self.page_marks]
             return bisect.bisect_left(descending, -oldest_created_at) + 1
         newer = sum(1 for b in self.batches.values() if b.created_at is not None and b.created_at >= oldest_created_at)
-        return max(1, math.ceil(newer * self.density / PAGE_SIZE))
+        return max(1, math.ceil(newer * self.density / LIST_PAGE_SIZE))
 
     def plan_walk(self, due: Sequence[TrackedBatch]) -> tuple[int | None, int] | None:
         """How to refresh `due` through list pages: (stop_before, max_pages), or None to retrieve each.
@@ -180,14 +178,10 @@ class Tracker:
         # Batches never seen yet have no known place in the list, but newly tracked batches are mostly
         # recent: walk as many pages as they would fill, and only when even a fruitless walk followed
         # by every retrieve would cost at most 1.5 times the retrieves alone.
-        budget = math.ceil(count * self.density / PAGE_SIZE) + 1
+        budget = math.ceil(count * self.density / LIST_PAGE_SIZE) + 1
         if placed:
             budget = max(budget, self.pages_needed(min(placed)))
         return (None, budget) if 2 * budget <= count else None
-
-    def prefer_list(self, due: Sequence[TrackedBatch]) -> bool:
-        """Whether walking list pages costs fewer requests than one retrieve per due batch."""
-        return self.plan_walk(due) is not None
 
     def learn_walk(self, marks: list[int], items: int, tracked_seen: int) -> None:
         """Remember the shape of the last walk, so the next plan estimates pages better."""

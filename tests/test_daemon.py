@@ -62,7 +62,7 @@ async def test_bulk_refresh_uses_list_pages_instead_of_one_retrieve_each(tmp_pat
         floor = math.ceil(350 / 100)
         assert requests["retrieve"] == 0, requests
         assert requests["list"] <= floor, requests
-        assert daemon.tracker.prefer_list(list(daemon.tracker.batches.values()))
+        assert daemon.tracker.plan_walk(list(daemon.tracker.batches.values())) is not None
 
 
 async def test_bad_responses_are_counted_and_never_become_events(tmp_path):

@@ -241,21 +241,21 @@ def test_many_recent_due_batches_prefer_list_pages() -> None:
     tracker = tracker_with_created([T0 + i for i in range(1000)])
     due = list(tracker.batches.values())
     assert 10 <= tracker.pages_needed(min(b.created_at or 0 for b in due)) <= 11
-    assert tracker.prefer_list(due)
+    assert tracker.plan_walk(due) is not None
 
 
 def test_few_due_batches_are_retrieved() -> None:
     tracker = tracker_with_created([T0 + i for i in range(1000)])
     oldest, newest = tracker.batches["b0"], tracker.batches["b999"]
-    assert not tracker.prefer_list([oldest, newest])  # ~10 pages to reach the oldest > 2 retrieves
-    assert not tracker.prefer_list([newest])
+    assert tracker.plan_walk([oldest, newest]) is None  # ~10 pages to reach the oldest > 2 retrieves
+    assert tracker.plan_walk([newest]) is None
 
 
 def test_a_few_of_the_newest_fit_on_one_page() -> None:
     tracker = tracker_with_created([T0 + i for i in range(1000)])
     due = [tracker.batches[f"b{i}"] for i in (999, 998, 997)]
     assert tracker.pages_needed(T0 + 997) == 1
-    assert tracker.prefer_list(due)
+    assert tracker.plan_walk(due) is not None
 
 
 def test_never_seen_batches_are_walked_only_when_a_fruitless_walk_stays_cheap() -> None:
@@ -296,4 +296,4 @@ def test_list_only_when_strictly_fewer_requests(count: int, expected: bool) -> N
     tracker = tracker_with_created([T0 + i for i in range(1000)])
     due = [tracker.batches[f"b{i}"] for i in range(count)]
     assert tracker.pages_needed(T0) == 10
-    assert tracker.prefer_list(due) is expected
+    assert (tracker.plan_walk(due) is not None) is expected
