@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -410,6 +411,11 @@ class Daemon:
                 parts.append(f"{name} {state}")
         return "; ".join(parts)
 
+    def tracked_counts(self) -> dict[str, int]:
+        """Actively tracked batches by status, from memory ("not yet polled" before the first answer)."""
+        counts = Counter(b.knowledge.status or "not yet polled" for b in self.tracker.active())
+        return dict(sorted(counts.items()))
+
     def track(self, ids: list[str], origin: str = "api") -> list[str]:
         """Start tracking ids now; returns those that were added."""
         added = self.store.track(self.source, ids, origin, self.clock())
@@ -531,13 +537,6 @@ class Daemon:
             self._data_version = version
             self._wake_workers()
             self.tracker.load(self.store.batches(self.source, states=[ACTIVE]))
-            counts: dict[str, int] = {}
-            for batch in self.tracker.active():
-                status = batch.knowledge.status or "unknown"
-                counts[status] = counts.get(status, 0) + 1
-            self.metrics.tracked.clear()
-            for status, n in counts.items():
-                self.metrics.tracked.labels(status).set(n)
 
     # -- retention ---------------------------------------------------------------------------------
 

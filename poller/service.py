@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import json
 import re
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from poller.config import ServiceConfig, read_secret
 from poller.errors import ConfigError
 from poller.metrics import Metrics
-from poller.records import ACTIVE, TrackedBatch
+from poller.records import TrackedBatch
 from poller.store import Store
 
 log = structlog.get_logger("poller.service")
@@ -71,6 +70,8 @@ class ServiceBackend(Protocol):
     def readiness(self) -> tuple[bool, dict[str, object]]: ...
 
     def status_line(self) -> str: ...
+
+    def tracked_counts(self) -> dict[str, int]: ...
 
     def track(self, ids: list[str], origin: str) -> list[str]: ...
 
@@ -218,19 +219,20 @@ class Service:
             metrics.outbox_dead.labels(name).set(_number(view.get("dead")))
             metrics.outbox_oldest.labels(name).set(_number(view.get("oldest_pending_age")))
             metrics.sink_up.labels(name).set(1 if view.get("health") == "ok" else 0)
+        metrics.tracked.clear()
+        for status, count in self._daemon.tracked_counts().items():
+            metrics.tracked.labels(status).set(count)
 
     # -- control API -------------------------------------------------------------------------------
 
     async def _status(self, _: web.Request) -> web.Response:
         ready, detail = self._daemon.readiness()
-        active = await asyncio.to_thread(_read_rows, self._daemon.store.path, self._daemon.source, [ACTIVE])
-        counts = Counter(batch.knowledge.status or "unknown" for batch in active)
         body = {
             "status_line": self._daemon.status_line(),
             "ready": ready,
             "reasons": detail.get("reasons", []),
             "sinks": self._daemon.sink_views(),
-            "tracked": dict(sorted(counts.items())),
+            "tracked": self._daemon.tracked_counts(),
         }
         return web.json_response(body)
 

@@ -156,6 +156,7 @@ async def test_metrics_counters_move_as_events_flow(tmp_path):
             assert (f"batch_poller_{gauge}", frozenset({("sink", "file")})) in first, gauge
         assert total(first, "batch_poller_outbox_pending", sink="file") == 0
         assert total(first, "batch_poller_sink_up", sink="file") == 1
+        assert total(first, "batch_poller_tracked_batches", status="validating") == 3
 
         sim.clock.speed = 40  # let the batches run to the end
         await eventually(lambda: len(read_jsonl(st.events)) >= 9, timeout=60)
@@ -166,6 +167,15 @@ async def test_metrics_counters_move_as_events_flow(tmp_path):
         assert total(second, "batch_poller_events_total", type="batch.in_progress") >= 1
         assert total(second, "batch_poller_deliveries_total", sink="file", result="delivered") == delivered
         assert total(second, "batch_poller_api_requests_total") > total(first, "batch_poller_api_requests_total")
+        # The gauge follows the batches as they move, not only when something outside writes the state file.
+        sim.clock.speed = 0.001  # freeze, and give every batch a poll at the frozen time (max_interval 1 s)
+        await asyncio.sleep(1.5)
+        second = await scrape(st)
+        moved = st.daemon.tracked_counts()
+        assert moved != {"validating": 3}
+        assert total(second, "batch_poller_tracked_batches") == sum(moved.values())
+        for status, count in moved.items():
+            assert total(second, "batch_poller_tracked_batches", status=status) == count
 
 
 async def test_metrics_show_a_failing_sinks_backlog(tmp_path):
