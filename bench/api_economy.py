@@ -22,7 +22,7 @@ from typing import Any
 from bench.common import Row, Section, devnull_logging, fmt, median, poller_config, ratio, workdir
 from bench.driver import DaemonDriver, Refresh, pre_track
 from bench.simproc import steady_sim
-from poller.simulator import Simulator, serve
+from poller.sim import OpenAISim, serve
 
 SIZES = (100, 1_000, 10_000)
 REPS = 3
@@ -51,7 +51,7 @@ class Outcome:
         return median([sum(s.values()) for s in self.steady_seen])
 
 
-def _seen(sim: Simulator) -> dict[str, int]:
+def _seen(sim: OpenAISim) -> dict[str, int]:
     return {k: v for k, v in sim.stats.as_dict().items() if k in ("list", "retrieve") and v}
 
 

@@ -15,7 +15,7 @@ import sys
 from contextlib import suppress
 from pathlib import Path
 
-from poller.simulator import SimClock, SimProfile, Simulator, serve
+from poller.sim import OpenAISim, SimClock, SimProfile, serve
 
 #: Every batch is created 5 to 65 minutes ago, is past validation and runs for 11 to 22 more hours: a full
 #: refresh sees only active batches, a share of whose request counts moved since the previous one.
@@ -31,14 +31,14 @@ CREATED_AGO = 300.0
 SPREAD = 3600.0
 
 
-def steady_sim(batches: int, seed: int = 1) -> tuple[Simulator, list[str]]:
+def steady_sim(batches: int, seed: int = 1) -> tuple[OpenAISim, list[str]]:
     """A simulator holding exactly `batches` active batches (so they are the newest N), and their ids."""
-    sim = Simulator(clock=SimClock(speed=1.0), profile=STEADY, seed=seed)
+    sim = OpenAISim(clock=SimClock(speed=1.0), profile=STEADY, seed=seed)
     ids = sim.create_batches(batches, created_at=sim.now() - CREATED_AGO, spread=SPREAD)
     return sim, ids
 
 
-async def _serve(sim: Simulator) -> None:
+async def _serve(sim: OpenAISim) -> None:
     async with serve(sim) as url:
         sys.stdout.write(f"READY {url}\n")
         sys.stdout.flush()

@@ -17,7 +17,7 @@ from typing import TextIO
 from poller.config import Config, parse_config
 from poller.daemon import Daemon
 from poller.records import ACTIVE
-from poller.simulator import SimClock, SimProfile, Simulator, serve
+from poller.sim import OpenAISim, SimClock, SimProfile, serve
 from poller.store import Store
 
 DEMO_KEY_ENV = "BATCH_POLLER_DEMO_KEY"
@@ -46,7 +46,7 @@ def demo_config(base_url: str, state_dir: Path) -> Config:
     )
 
 
-def _populate(sim: Simulator, count: int) -> list[str]:
+def _populate(sim: OpenAISim, count: int) -> list[str]:
     now = sim.now()
     ids = [sim.create_batch(metadata={"demo": "yes", "n": str(i)})["id"] for i in range(max(count - 3, 1))]
     ids.append(sim.create_batch(metadata={"demo": "yes", "n": "failing"}, outcome="failed")["id"])
@@ -62,7 +62,7 @@ async def run_demo(count: int = 10, deadline: float = 90.0, out: TextIO | None =
     """Run the demo; returns 0 when every batch reached a final status and every event was delivered."""
     out = out or sys.stdout
     profile = SimProfile(validating_s=(5, 40), in_progress_s=(120, 480), finalizing_s=(10, 60), cancelling_s=(10, 40))
-    sim = Simulator(clock=SimClock(speed=SPEED), profile=profile, seed=int(time.time()))
+    sim = OpenAISim(clock=SimClock(speed=SPEED), profile=profile, seed=int(time.time()))
     with tempfile.TemporaryDirectory(prefix="batch-poller-demo-") as tmp:
         async with serve(sim) as base_url:
             ids = _populate(sim, count)

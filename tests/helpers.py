@@ -16,7 +16,7 @@ from typing import Any
 from poller.config import Config, parse_config
 from poller.daemon import Daemon
 from poller.models import Batch
-from poller.simulator import SimClock, SimProfile, Simulator
+from poller.sim import OpenAISim, SimClock, SimProfile
 
 KEY_ENV = "BATCH_POLLER_TEST_KEY"
 KEY = "sk-sim"
@@ -47,8 +47,8 @@ def make_batch(status: str = "validating", batch_id: str = "batch_a", **fields: 
     return Batch.model_validate(raw | fields)
 
 
-def fast_sim(speed: float = 30.0, seed: int = 7, **kwargs: Any) -> Simulator:
-    return Simulator(clock=SimClock(speed=speed), profile=FAST_PROFILE, seed=seed, **kwargs)
+def fast_sim(speed: float = 30.0, seed: int = 7, **kwargs: Any) -> OpenAISim:
+    return OpenAISim(clock=SimClock(speed=speed), profile=FAST_PROFILE, seed=seed, **kwargs)
 
 
 def config_dict(base_url: str, state: Path, sinks: list[dict[str, Any]], **poll: Any) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def expected_statuses(batch: dict[str, Any]) -> list[str]:
     return path
 
 
-def check_event_log(events: list[dict[str, Any]], sim: Simulator, ids: list[str]) -> None:
+def check_event_log(events: list[dict[str, Any]], sim: OpenAISim, ids: list[str]) -> None:
     """Every status of every batch exactly once (by id), per batch in sequence order, status events complete."""
     by_batch: dict[str, list[dict[str, Any]]] = {}
     for event in events:

@@ -10,7 +10,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from poller.daemon import Daemon
-from poller.simulator import Fault, serve
+from poller.sim import Fault, serve
 from tests.helpers import (
     FINAL,
     KEY,

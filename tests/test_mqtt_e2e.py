@@ -12,7 +12,7 @@ from typing import Any, Self
 import aiomqtt
 import pytest
 
-from poller.simulator import SimClock, Simulator, serve
+from poller.sim import OpenAISim, SimClock, serve
 from tests.broker import Mosquitto, MosquittoFactory
 from tests.helpers import (
     FINAL,
@@ -120,7 +120,7 @@ def delivered_ids(path: Path) -> set[str]:
     return {e["id"] for e in read_jsonl(path)}
 
 
-async def start_the_clock(sim: Simulator, recorder: Recorder, ids: list[str], speed: float) -> None:
+async def start_the_clock(sim: OpenAISim, recorder: Recorder, ids: list[str], speed: float) -> None:
     """Let simulated time run once every batch's first event arrived over MQTT.
 
     The simulator starts (almost) frozen so the daemon sees every batch while it is still validating,

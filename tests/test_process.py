@@ -11,7 +11,7 @@ import sys
 import pytest
 from aiohttp import web
 
-from poller.simulator import serve
+from poller.sim import serve
 from tests.helpers import (
     FINAL,
     KEY_ENV,

@@ -21,7 +21,7 @@ from poller.config import ServiceConfig, parse_config
 from poller.daemon import Daemon
 from poller.errors import ConfigError
 from poller.service import Service
-from poller.simulator import Simulator, serve
+from poller.sim import OpenAISim, serve
 from tests.helpers import (
     KEY_ENV,
     cli_env,
@@ -41,7 +41,7 @@ LOOPBACK = ServiceConfig(listen="127.0.0.1:0")
 
 @dataclass
 class Stack:
-    sim: Simulator
+    sim: OpenAISim
     daemon: Daemon
     service: Service
     http: aiohttp.ClientSession
@@ -66,14 +66,14 @@ class Stack:
 @asynccontextmanager
 async def stack(
     tmp_path: Path,
-    sim: Simulator,
+    sim: OpenAISim,
     *,
     track: list[str] | None = None,
     service: ServiceConfig = LOOPBACK,
     environ: dict[str, str] | None = None,
     extra_sinks: list[dict[str, Any]] | None = None,
 ) -> AsyncIterator[Stack]:
-    """Simulator, daemon with a file sink, and a Service on a free loopback port; torn down in reverse."""
+    """OpenAISim, daemon with a file sink, and a Service on a free loopback port; torn down in reverse."""
     events = tmp_path / "events.jsonl"
     async with serve(sim) as url:
         sinks = [{"kind": "file", "name": "file", "path": str(events)}, *(extra_sinks or [])]

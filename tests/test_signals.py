@@ -11,7 +11,7 @@ import time
 import pytest
 from aiohttp import web
 
-from poller.simulator import serve
+from poller.sim import serve
 from tests.helpers import (
     cli_env,
     config_dict,

@@ -17,13 +17,13 @@ import pytest
 from yarl import URL
 
 from poller.models import Batch
-from poller.simulator import (
+from poller.sim import (
     Fault,
     ManualClock,
+    OpenAISim,
     SimClock,
     SimProfile,
     SimRequestError,
-    Simulator,
     serve,
 )
 
@@ -50,12 +50,12 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def sim(clock: ManualClock) -> Simulator:
-    return Simulator(clock=clock, seed=7, prefixes=("/v1", "/openai", "/openai/v1"))
+def sim(clock: ManualClock) -> OpenAISim:
+    return OpenAISim(clock=clock, seed=7, prefixes=("/v1", "/openai", "/openai/v1"))
 
 
 @pytest.fixture
-async def base_url(sim: Simulator) -> AsyncIterator[str]:
+async def base_url(sim: OpenAISim) -> AsyncIterator[str]:
     async with serve(sim) as url:
         yield url
 
@@ -89,7 +89,7 @@ async def _create(client: openai.AsyncOpenAI, **metadata: str) -> Any:
 # -- the SDK's view ------------------------------------------------------------------------------------
 
 
-async def test_create_and_retrieve(client: openai.AsyncOpenAI, sim: Simulator) -> None:
+async def test_create_and_retrieve(client: openai.AsyncOpenAI, sim: OpenAISim) -> None:
     created = await _create(client, job="nightly")
     assert created.id.startswith("batch_")
     assert created.status == "validating"
@@ -110,7 +110,7 @@ async def test_create_and_retrieve(client: openai.AsyncOpenAI, sim: Simulator) -
 
 
 async def test_list_auto_pagination_sees_every_batch_once_newest_first(
-    client: openai.AsyncOpenAI, sim: Simulator, clock: ManualClock
+    client: openai.AsyncOpenAI, sim: OpenAISim, clock: ManualClock
 ) -> None:
     ids = sim.create_batches(12)
     clock.advance(5)
@@ -129,7 +129,7 @@ async def test_list_auto_pagination_sees_every_batch_once_newest_first(
     assert sim.stats.list == math.ceil(len(ids) / 7)
 
 
-async def test_list_page_shape_and_limits(client: openai.AsyncOpenAI, sim: Simulator) -> None:
+async def test_list_page_shape_and_limits(client: openai.AsyncOpenAI, sim: OpenAISim) -> None:
     sim.create_batches(25)
     page = await client.batches.list()
     assert len(page.data) == 20
@@ -155,7 +155,7 @@ async def test_empty_list(client: openai.AsyncOpenAI) -> None:
 
 
 async def test_cancel_goes_cancelling_then_cancelled_with_partial_counts(base_url: str, clock: ManualClock) -> None:
-    sim = Simulator(clock=clock, profile=FIXED)
+    sim = OpenAISim(clock=clock, profile=FIXED)
     async with (
         serve(sim) as url,
         openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0) as client,
@@ -195,7 +195,7 @@ async def test_unknown_id_is_not_found(client: openai.AsyncOpenAI) -> None:
         await client.batches.cancel("batch_missing")
 
 
-async def test_wrong_or_missing_key_is_refused(base_url: str, sim: Simulator) -> None:
+async def test_wrong_or_missing_key_is_refused(base_url: str, sim: OpenAISim) -> None:
     async with openai.AsyncOpenAI(base_url=base_url, api_key="sk-wrong-key", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError) as caught:
             await bad.batches.list()
@@ -250,7 +250,7 @@ async def test_create_is_validated(client: openai.AsyncOpenAI, base_url: str) ->
 
 
 async def test_lifecycle_follows_the_clock(clock: ManualClock) -> None:
-    sim = Simulator(clock=clock, profile=FIXED)
+    sim = OpenAISim(clock=clock, profile=FIXED)
     async with (
         serve(sim) as url,
         openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0) as client,
@@ -296,7 +296,7 @@ def test_seeded_outcomes_include_failed_and_expired() -> None:
 
     def run() -> list[dict[str, Any]]:
         clock = ManualClock(start=START)
-        sim = Simulator(clock=clock, profile=profile, seed=42)
+        sim = OpenAISim(clock=clock, profile=profile, seed=42)
         ids = sim.create_batches(200)
         clock.advance(DAY + 1)
         return [sim.get(i) for i in ids]
@@ -328,7 +328,7 @@ def test_seeded_outcomes_include_failed_and_expired() -> None:
 
 
 def test_programmatic_cancel_rules(clock: ManualClock) -> None:
-    sim = Simulator(clock=clock, profile=FIXED)
+    sim = OpenAISim(clock=clock, profile=FIXED)
     batch_id = sim.create_batch()["id"]
     assert sim.cancel(batch_id)["status"] == "cancelling"
     with pytest.raises(SimRequestError) as caught:
@@ -343,7 +343,7 @@ def test_programmatic_cancel_rules(clock: ManualClock) -> None:
 
 
 def test_forced_outcome_and_backdating(clock: ManualClock) -> None:
-    sim = Simulator(clock=clock, profile=FIXED)
+    sim = OpenAISim(clock=clock, profile=FIXED)
     old = sim.create_batch(outcome="expired", created_at=START - DAY - 5)
     assert old["status"] == "expired"
     assert old["created_at"] == int(START) - DAY - 5
@@ -355,7 +355,7 @@ def test_forced_outcome_and_backdating(clock: ManualClock) -> None:
 
 
 async def test_429_carries_retry_after_headers_then_clears(
-    http: aiohttp.ClientSession, base_url: str, sim: Simulator
+    http: aiohttp.ClientSession, base_url: str, sim: OpenAISim
 ) -> None:
     batch_id = sim.create_batch()["id"]
     sim.inject(Fault("429", count=2, retry_after=1.5))
@@ -373,7 +373,7 @@ async def test_429_carries_retry_after_headers_then_clears(
     assert sim.stats.retrieve == 3
 
 
-async def test_429_reaches_the_sdk_as_rate_limit_error(client: openai.AsyncOpenAI, sim: Simulator) -> None:
+async def test_429_reaches_the_sdk_as_rate_limit_error(client: openai.AsyncOpenAI, sim: OpenAISim) -> None:
     sim.inject(Fault("429"))
     with pytest.raises(openai.RateLimitError):
         await client.batches.list()
@@ -381,7 +381,7 @@ async def test_429_reaches_the_sdk_as_rate_limit_error(client: openai.AsyncOpenA
 
 
 async def test_nonjson_unknown_status_and_5xx(
-    http: aiohttp.ClientSession, base_url: str, sim: Simulator, client: openai.AsyncOpenAI
+    http: aiohttp.ClientSession, base_url: str, sim: OpenAISim, client: openai.AsyncOpenAI
 ) -> None:
     batch_id = sim.create_batch()["id"]
     url = f"{base_url}/batches/{batch_id}"
@@ -412,7 +412,7 @@ async def test_nonjson_unknown_status_and_5xx(
     assert sim.faults == []
 
 
-async def test_slow_and_path_filter(http: aiohttp.ClientSession, base_url: str, sim: Simulator) -> None:
+async def test_slow_and_path_filter(http: aiohttp.ClientSession, base_url: str, sim: OpenAISim) -> None:
     first, second = sim.create_batches(2)
     sim.inject(Fault("500", path_contains=second))
     async with http.get(f"{base_url}/batches/{first}") as resp:
@@ -438,7 +438,7 @@ def test_fault_validation() -> None:
 
 
 async def test_admin_routes(
-    http: aiohttp.ClientSession, root: URL, base_url: str, sim: Simulator, clock: ManualClock
+    http: aiohttp.ClientSession, root: URL, base_url: str, sim: OpenAISim, clock: ManualClock
 ) -> None:
     async with http.post(root / "_sim/batches", json={"count": 30, "metadata": {"src": "bench"}}) as resp:
         created = await resp.json()
@@ -476,7 +476,7 @@ async def test_admin_routes(
 
 
 async def test_advance_needs_a_manual_clock() -> None:
-    sim = Simulator(clock=SimClock(speed=10))
+    sim = OpenAISim(clock=SimClock(speed=10))
     async with serve(sim) as url, aiohttp.ClientSession() as http:
         async with http.post(URL(url).origin() / "_sim/advance", json={"seconds": 5}) as resp:
             assert resp.status == 409
@@ -494,7 +494,7 @@ async def test_unknown_route_has_openai_error_and_request_id(http: aiohttp.Clien
 # -- Azure shape, clocks, scale, lifecycle of the server ------------------------------------------------
 
 
-async def test_azure_shape(root: URL, sim: Simulator) -> None:
+async def test_azure_shape(root: URL, sim: OpenAISim) -> None:
     batch_id = sim.create_batch()["id"]
     async with aiohttp.ClientSession(headers={"api-key": KEY}) as http:
         url = (root / f"openai/batches/{batch_id}").with_query({"api-version": "2024-10-21"})
@@ -523,7 +523,7 @@ async def test_sim_clock_runs_at_speed() -> None:
 
 
 def test_ten_thousand_batches_page_through(clock: ManualClock) -> None:
-    sim = Simulator(clock=clock)
+    sim = OpenAISim(clock=clock)
     sim.create_batches(4_000)
     sim.create_batches(2_000, spread=DAY)
     sim.create_batches(4_000)
@@ -543,7 +543,7 @@ def test_ten_thousand_batches_page_through(clock: ManualClock) -> None:
     assert elapsed < 10  # O(page) per call; a linear scan per page would be far slower
 
 
-async def test_serve_releases_the_port(sim: Simulator) -> None:
+async def test_serve_releases_the_port(sim: OpenAISim) -> None:
     async with serve(sim) as url:
         port = URL(url).port
         assert url.endswith("/v1")
