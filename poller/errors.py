@@ -26,7 +26,9 @@ class ApiError(PollerError):
     """The Batch API answered with an error or not at all.
 
     `status` is the HTTP status (None for transport errors and timeouts), `retry_after` the delay the
-    server asked for in seconds, `request_id` the server's `x-request-id` for support tickets.
+    server asked for in seconds, `request_id` the server's request id for support tickets. `from_api`
+    says the error body was the API's own JSON; an HTML or empty error page comes from something in
+    front of it (a proxy, a wrong `base_url`), and a 404 then says nothing about the batch.
     """
 
     def __init__(
@@ -37,11 +39,13 @@ class ApiError(PollerError):
         retry_after: float | None = None,
         request_id: str | None = None,
         code: str | None = None,
+        from_api: bool = False,
     ) -> None:
         self.status = status
         self.retry_after = retry_after
         self.request_id = request_id
         self.code = code
+        self.from_api = from_api
         super().__init__(message)
 
     @property
@@ -63,7 +67,14 @@ class ApiError(PollerError):
 
 
 class BadResponseError(ApiError):
-    """The API answered 2xx with a body that is not a Batch (or list of them) we can trust."""
+    """The API answered 2xx with a body that is not a batch (or a page of them) we can trust.
+
+    `reason` labels the `bad_responses` metric: not_json, batch_shape, list_shape, invalid_value, wrong_id.
+    """
+
+    def __init__(self, message: str, *, reason: str, status: int | None = None, request_id: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message, status=status, request_id=request_id)
 
     @property
     def kind(self) -> str:

@@ -1,7 +1,9 @@
 """Logging: structlog to stderr, JSON lines when not on a TTY (journald), readable console on a TTY.
 
 stdout belongs to the stdout sink; logs never go there. A last processor drops any field whose name
-looks like a secret, as a guard behind the rule that secrets are never logged.
+looks like a secret, as a guard behind the rule that secrets are never logged. Values come from outside
+(batch metadata, error bodies): every string is cut to `MAX_VALUE` characters, and on the console its
+control characters are escaped, so a hostile value can neither flood the journal nor forge a log line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any, TextIO
 
 import structlog
 
+#: Longest string value a log line carries; the rest is replaced by a count.
+MAX_VALUE = 1000
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
 _SECRET_WORDS = ("api_key", "apikey", "authorization", "secret", "password", "token", "routing_key")
 
 
@@ -26,6 +31,26 @@ def _secretish(key: str) -> bool:
 def _drop_secrets(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in [k for k in event_dict if _secretish(k)]:
         event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def _cut(value: str) -> str:
+    if len(value) <= MAX_VALUE:
+        return value
+    return f"{value[:MAX_VALUE]}... ({len(value) - MAX_VALUE} more characters)"
+
+
+def _tame(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event_dict.items():
+        if isinstance(value, str) and key != "exception":
+            event_dict[key] = _cut(value)
+    return event_dict
+
+
+def _escape(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event_dict.items():
+        if isinstance(value, str) and key != "exception":
+            event_dict[key] = value.translate(_CONTROL)
     return event_dict
 
 
@@ -43,6 +68,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info if not console else structlog.dev.set_exc_info,
             _drop_secrets,
+            _tame,
+            *([_escape] if console else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),

@@ -13,9 +13,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from poller.config import Config, parse_config
-from poller.daemon import Daemon
-from poller.models import Batch
+from poller.config import Config, OpenAISourceConfig, parse_config
+from poller.domain.events import Event, EventData, event_id
+from poller.domain.schedule import Pacer
+from poller.domain.snapshot import Snapshot
+from poller.metrics import Metrics
+from poller.providers.openai import OpenAIProvider
+from poller.providers.openai_types import Batch
+from poller.runtime.daemon import Daemon
 from poller.sim import OpenAISim, SimClock, SimProfile
 
 KEY_ENV = "BATCH_POLLER_TEST_KEY"
@@ -45,6 +50,60 @@ def make_batch(status: str = "validating", batch_id: str = "batch_a", **fields: 
         "status": status,
     }
     return Batch.model_validate(raw | fields)
+
+
+_ADAPTER: OpenAIProvider | None = None
+
+
+def openai_adapter() -> OpenAIProvider:
+    """An OpenAI adapter that is never entered: for `normalize`, which sends nothing."""
+    global _ADAPTER  # noqa: PLW0603 - one per test process
+    if _ADAPTER is None:
+        metrics = Metrics().source("openai")
+        _ADAPTER = OpenAIProvider(
+            OpenAISourceConfig(), "sk-test", metrics=metrics, pacer=Pacer(100.0), max_concurrency=1
+        )
+    return _ADAPTER
+
+
+def make_snapshot(status: str = "validating", batch_id: str = "batch_a", **fields: Any) -> Snapshot:
+    """The Snapshot the OpenAI adapter makes of `make_batch(status, batch_id, **fields)`."""
+    return openai_adapter().normalize(make_batch(status, batch_id, **fields).wire())
+
+
+def make_event(
+    *,
+    source: str,
+    batch: Batch | dict[str, Any],
+    event_type: str,
+    status: str,
+    previous_status: str | None,
+    sequence: int,
+    created_at: int,
+    detected_at: float,
+    discriminator: str = "",
+    provider: str = "openai",
+) -> Event:
+    """An event as the recorder would publish it, from its parts (for sink tests)."""
+    raw = batch.wire() if isinstance(batch, Batch) else dict(batch)
+    counts = raw.get("request_counts")
+    return Event(
+        id=event_id(source, raw["id"], event_type, discriminator),
+        type=event_type,
+        created_at=created_at,
+        data=EventData(
+            id=raw["id"],
+            status=status,
+            previous_status=previous_status,
+            sequence=sequence,
+            detected_at=round(detected_at, 3),
+            source=source,
+            provider=provider,
+            provider_status=raw.get("status"),
+            request_counts=None if counts is None else {k: counts[k] for k in ("total", "completed", "failed")},
+            batch=raw,
+        ),
+    )
 
 
 def fast_sim(speed: float = 30.0, seed: int = 7, **kwargs: Any) -> OpenAISim:
@@ -95,10 +154,10 @@ def write_toml(path: Path, raw: dict[str, Any]) -> Path:
 
     lines: list[str] = []
     for section, body in raw.items():
-        if section == "sinks":
-            for sink in body:
-                lines.append("[[sinks]]")
-                lines.extend(f"{k} = {value(v)}" for k, v in sink.items())
+        if isinstance(body, list):  # [[sources]], [[sinks]]
+            for entry in body:
+                lines.append(f"[[{section}]]")
+                lines.extend(f"{k} = {value(v)}" for k, v in entry.items())
         else:
             lines.append(f"[{section}]")
             lines.extend(f"{k} = {value(v)}" for k, v in body.items())

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from poller import alerts
-from poller.events import make_event
-from poller.models import Batch, Event
+from poller.domain.events import Event
+from poller.providers.openai_types import Batch
+from poller.sinks import alerts
+from tests.helpers import make_event
 
 GOLDEN = Path(__file__).parent / "golden"
 NOW = 1714600000.0  # 2024-05-01T21:46:40Z: the fixed clock of every rendering

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import math
 import sqlite3
+import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from poller.daemon import Daemon
+from poller.runtime.daemon import Daemon
 from poller.sim import Fault, serve
+from poller.store.base import TrackedBatch
 from tests.helpers import (
     FINAL,
     KEY,
@@ -26,6 +29,25 @@ from tests.helpers import (
 )
 
 
+async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0) -> None:
+    """`eventually` for checks that read the (async) store: wait until `await check()` is truthy."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        await asyncio.sleep(0.05)
+
+
+async def rows(daemon: Daemon, state: str) -> list[TrackedBatch]:
+    """The only source's stored batches in `state`."""
+    return await daemon.store.batches(daemon.runner(None).name, states=[state])
+
+
+async def settled(daemon: Daemon) -> bool:
+    """No batch is active any more and every sink delivered everything."""
+    return not await rows(daemon, "active") and not await daemon.store.deliveries()
+
+
 async def test_twenty_batches_every_transition_once_in_order(tmp_path):
     sim = fast_sim(speed=0.001)  # frozen until every batch was seen validating
     async with serve(sim) as url:
@@ -38,8 +60,7 @@ async def test_twenty_batches_every_transition_once_in_order(tmp_path):
             sim.cancel(ids[0])
             sim.clock.speed = 40
             await eventually(lambda: all(sim.get(i)["status"] in FINAL for i in ids), timeout=60)
-            await eventually(lambda: not daemon.store.batches(daemon.source, states=["active"]), timeout=20)
-            await eventually(lambda: not daemon.store.deliveries(), timeout=20)
+            await until(lambda: settled(daemon), timeout=40)
         check_event_log(read_jsonl(events_file), sim, ids)
         assert sim.get(ids[0])["status"] == "cancelled"
 
@@ -52,17 +73,21 @@ async def test_bulk_refresh_uses_list_pages_instead_of_one_retrieve_each(tmp_pat
         raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
         raw["source"]["track"] = ids
         async with running(make_config(raw)) as daemon:
-            await eventually(lambda: all(b.created_at for b in daemon.tracker.batches.values()), timeout=30)
+            runner = daemon.runner(None)
+            tracker = runner.tracker
+            await eventually(lambda: all(b.created_at for b in tracker.batches.values()), timeout=30)
             sim.stats.reset()
-            for batch in daemon.tracker.batches.values():
+            # Backdated batches may have finished already (the simulator's lifecycles start at created_at).
+            active = tracker.active()
+            for batch in active:
                 batch.next_due = 0.0
-            daemon.wake()
-            await eventually(lambda: all(b.next_due > 0 for b in daemon.tracker.batches.values()), timeout=30)
+            runner.wake()
+            await eventually(lambda: all(b.next_due > 0 for b in active), timeout=30)
         requests = sim.stats.as_dict()
         floor = math.ceil(350 / 100)
         assert requests["retrieve"] == 0, requests
         assert requests["list"] <= floor, requests
-        assert daemon.tracker.plan_walk(list(daemon.tracker.batches.values())) is not None
+        assert tracker.plan_walk(list(tracker.batches.values())) is not None
 
 
 async def test_bad_responses_are_counted_and_never_become_events(tmp_path):
@@ -92,7 +117,7 @@ async def test_unknown_batch_is_marked_gone_after_repeated_404(tmp_path):
         raw = config_dict(url, tmp_path / "state.db", [], gone_after=3)
         raw["source"]["track"] = ["batch_does_not_exist"]
         async with running(make_config(raw)) as daemon:
-            await eventually(lambda: daemon.store.batches(daemon.source, states=["gone"]) != [], timeout=20)
+            await until(lambda: rows(daemon, "gone"), timeout=20)
             requests = sim.stats.retrieve
         assert requests == 3
 
@@ -105,8 +130,9 @@ async def test_discovery_tracks_running_batches_matching_the_filters(tmp_path):
         raw = config_dict(url, tmp_path / "state.db", [])
         raw["source"] |= {"discover": True, "discover_metadata": {"team": "search"}}
         async with running(make_config(raw)) as daemon:
-            await eventually(lambda: len(daemon.tracker.batches) == 5)
-            assert set(daemon.tracker.batches) == set(wanted)
+            tracker = daemon.runner(None).tracker
+            await eventually(lambda: len(tracker.batches) == 5)
+            assert set(tracker.batches) == set(wanted)
 
 
 async def test_azure_classic_shape(tmp_path):
@@ -116,7 +142,8 @@ async def test_azure_classic_shape(tmp_path):
         raw = config_dict(url, tmp_path / "state.db", [])
         raw["source"] |= {"kind": "azure", "api_version": "2024-10-21", "track": ids}
         async with running(make_config(raw)) as daemon:
-            await eventually(lambda: all(b.knowledge.status == "validating" for b in daemon.tracker.batches.values()))
+            tracker = daemon.runner(None).tracker
+            await eventually(lambda: all(b.knowledge.status == "validating" for b in tracker.batches.values()))
 
 
 async def test_rejected_credentials_pause_polling_and_say_so_once(tmp_path):
@@ -127,9 +154,11 @@ async def test_rejected_credentials_pause_polling_and_say_so_once(tmp_path):
         raw["source"]["track"] = ids
         with capture_logs() as logs:
             async with running(make_config(raw)) as daemon:
-                await eventually(lambda: daemon.health.auth_failing)
+                runner = daemon.runner(None)
+                await eventually(lambda: runner.health.auth_failing)
                 first = sim.stats.unauthorized
-                await asyncio.sleep(1.0)
+                since = runner.loop_tick
+                await eventually(lambda: runner.loop_tick > since + 1.0)  # the loop went on for over a second
                 assert sim.stats.unauthorized == first  # paused: no more requests for 30 s
     loud = [e for e in logs if "REJECTS THE CREDENTIALS" in e["event"]]
     assert len(loud) == 1
@@ -150,7 +179,8 @@ async def test_first_refresh_of_many_new_ids_walks_the_list(tmp_path):
         raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
         raw["source"]["track"] = ids
         async with running(make_config(raw)) as daemon:
-            await eventually(lambda: all(b.created_at for b in daemon.tracker.batches.values()), timeout=30)
+            tracker = daemon.runner(None).tracker
+            await eventually(lambda: all(b.created_at for b in tracker.batches.values()), timeout=30)
         requests = sim.stats.as_dict()
         assert requests["retrieve"] == 0, requests
         assert requests["list"] <= 4, requests
@@ -166,10 +196,15 @@ async def test_final_batches_are_pruned_after_retention_and_sinks_told_only_if_t
         async with running(make_config(raw)) as daemon:
             await eventually(lambda: len(read_jsonl(events_file)) == 1)  # first seen: validating
             sim.clock.speed = 1000
-            await eventually(lambda: daemon.store.batches(daemon.source, states=["final"]) != [], timeout=10)
-            await eventually(lambda: daemon.store.batch(daemon.source, batch_id) is None, timeout=10)
+            source = daemon.runner(None).name
+            await until(lambda: rows(daemon, "final"), timeout=10)
+
+            async def forgotten() -> bool:
+                return await daemon.store.batch(source, batch_id) is None
+
+            await until(forgotten, timeout=10)
             # Its delivered events age out with it; the file sink never saw the internal prune notice.
-            assert daemon.store.events_for(daemon.source, batch_id) == []
+            assert await daemon.store.events_for(source, batch_id) == []
         assert [e["type"] for e in read_jsonl(events_file)] == ["batch.validating", "batch.failed"]
 
 
@@ -180,13 +215,18 @@ async def test_a_long_retry_after_pauses_polling_but_not_the_loop(tmp_path):
         raw = config_dict(url, tmp_path / "state.db", [])
         raw["source"]["track"] = ids
         async with running(make_config(raw)) as daemon:
-            await eventually(lambda: all(b.knowledge.status for b in daemon.tracker.batches.values()))
+            runner = daemon.runner(None)
+            await eventually(lambda: all(b.knowledge.status for b in runner.tracker.batches.values()))
             sim.inject(Fault(kind="429", count=1, retry_after=3))
             await eventually(lambda: not sim.faults)
+            await eventually(lambda: runner.pacer.paused_until > time.monotonic())
             paused_at = sim.stats.total
-            for _ in range(10):  # 2 s into a 3 s pause
-                await asyncio.sleep(0.2)
+
+            def two_seconds_in_and_alive() -> bool:
                 assert daemon.liveness()[0], daemon.liveness()
+                return time.monotonic() >= runner.pacer.paused_until - 1.0
+
+            await eventually(two_seconds_in_and_alive, timeout=5)  # 2 s into a 3 s pause
             assert sim.stats.total == paused_at  # honoured: nothing sent during the pause
             await eventually(lambda: sim.stats.total > paused_at, timeout=5)
 
@@ -194,8 +234,10 @@ async def test_a_long_retry_after_pauses_polling_but_not_the_loop(tmp_path):
 async def test_an_api_without_a_list_endpoint_falls_back_to_retrieves(tmp_path):
     sim = fast_sim(speed=0.001)
     ids = sim.create_batches(30)
+    retrieves = [0]
 
     async def retrieve(request: web.Request) -> web.Response:
+        retrieves[0] += 1
         return web.json_response(sim.get(request.match_info["id"]))
 
     async def no_list(_request: web.Request) -> web.Response:
@@ -212,11 +254,13 @@ async def test_an_api_without_a_list_endpoint_falls_back_to_retrieves(tmp_path):
         raw = config_dict(url, tmp_path / "state.db", [], validating="0.5s", max_interval="0.5s")
         raw["source"]["track"] = ids
         async with running(make_config(raw)) as daemon:
-            await eventually(lambda: all(b.knowledge.status for b in daemon.tracker.batches.values()))
-            await asyncio.sleep(2)  # several refreshes, each of which would have tried a walk
-            assert daemon.refresher.list_unavailable
-            assert daemon.store.batches(daemon.source, states=["gone"]) == []
-            assert len(daemon.tracker.active()) == 30
+            source = daemon.runner(None)
+            await eventually(lambda: all(b.knowledge.status for b in source.tracker.batches.values()))
+            # Several refreshes, each of which would have tried a walk.
+            await eventually(lambda: retrieves[0] >= 4 * len(ids), timeout=20)
+            assert source.health.list_unavailable
+            assert await rows(daemon, "gone") == []
+            assert len(source.tracker.active()) == 30
     finally:
         await runner.cleanup()
 
@@ -237,14 +281,14 @@ async def test_reload_that_cannot_build_a_sink_changes_nothing(tmp_path):
             with capture_logs() as logs:
                 daemon.request_reload()
                 await eventually(lambda: any("reload rejected" in e["event"] for e in logs))
-            assert list(daemon.workers) == ["first"]
+            assert list(daemon.sinks.workers) == ["first"]
             assert "whsec_!!!" not in str(logs)
 
             second = tmp_path / "second.jsonl"
             good = raw | {"sinks": [{"kind": "file", "name": "second", "path": str(second)}]}
             write_toml(path, good)
             daemon.request_reload()
-            await eventually(lambda: list(daemon.workers) == ["second"])
+            await eventually(lambda: list(daemon.sinks.workers) == ["second"])
             sim.cancel(batch_id)
             await eventually(lambda: [e["type"] for e in read_jsonl(second)] == ["batch.cancelling"])
         assert [e["type"] for e in read_jsonl(first)] == ["batch.validating"]
@@ -259,7 +303,8 @@ async def test_first_sight_walk_goes_on_while_pages_pay_for_themselves(tmp_path)
         raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
         raw["source"]["track"] = ids
         async with running(make_config(raw)) as daemon:
-            await eventually(lambda: all(b.created_at for b in daemon.tracker.batches.values()), timeout=30)
+            tracker = daemon.runner(None).tracker
+            await eventually(lambda: all(b.created_at for b in tracker.batches.values()), timeout=30)
         requests = sim.stats.as_dict()
         assert requests["list"] <= 21, requests
         assert requests["retrieve"] <= 5, requests
@@ -275,9 +320,10 @@ async def test_a_crashed_delivery_worker_stops_the_daemon_with_exit_1(tmp_path):
         task = asyncio.create_task(daemon.run())
         await asyncio.wait_for(daemon.ready.wait(), 10)
 
-        def broken(*_args, **_kwargs):
+        async def broken(*_args, **_kwargs):
             raise sqlite3.OperationalError("database is locked")
 
-        daemon.workers["file"].store = type("Broken", (), {"due_heads": broken, "next_ready_at": broken})()
-        daemon.workers["file"].wake()
+        worker = daemon.sinks.workers["file"]
+        worker.store = type("Broken", (), {"claim_heads": broken, "next_ready_at": broken})()
+        worker.wake()
         assert await asyncio.wait_for(task, 30) == 1

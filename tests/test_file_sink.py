@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
+from poller.domain.events import encode
 from poller.errors import DeliveryError
-from poller.events import encode
 from poller.sinks.file import FileSink
 from tests.test_stdout_sink import event
 

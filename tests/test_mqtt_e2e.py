@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -12,6 +14,7 @@ from typing import Any, Self
 import aiomqtt
 import pytest
 
+from poller.runtime.daemon import Daemon
 from poller.sim import OpenAISim, SimClock, serve
 from tests.broker import Mosquitto, MosquittoFactory
 from tests.helpers import (
@@ -116,6 +119,23 @@ async def retained_states(broker: Mosquitto) -> dict[str, dict[str, Any]]:
     return states
 
 
+async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0) -> None:
+    """`eventually` for checks that read the (async) store: wait until `await check()` is truthy."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        await asyncio.sleep(0.05)
+
+
+async def none_active(daemon: Daemon) -> bool:
+    return not await daemon.store.batches(daemon.runner(None).name, states=["active"])
+
+
+async def all_delivered(daemon: Daemon) -> bool:
+    return not await daemon.store.deliveries()
+
+
 def delivered_ids(path: Path) -> set[str]:
     return {e["id"] for e in read_jsonl(path)}
 
@@ -155,10 +175,10 @@ async def test_twenty_batches_through_mqtt(mosquitto: Mosquitto, tmp_path: Path,
         async with running(make_config(raw)) as daemon:
             await start_the_clock(sim, recorder, ids, speed=40)
             await eventually(lambda: all(sim.get(i)["status"] in FINAL for i in ids), timeout=60)
-            await eventually(lambda: not daemon.store.batches(daemon.source, states=["active"]), timeout=20)
-            await eventually(lambda: not daemon.store.deliveries(), timeout=20)
+            await until(lambda: none_active(daemon), timeout=20)
+            await until(lambda: all_delivered(daemon), timeout=20)
             await eventually(lambda: {e["id"] for e in recorder.events()} >= delivered_ids(events_file), timeout=10)
-            assert daemon.workers["mqtt"].sink.health() == "ok"
+            assert daemon.sinks.workers["mqtt"].sink.health() == "ok"
         events = recorder.events()
         assert len(events) == len({e["id"] for e in events}), "no outage, so no duplicates"
         assert {e["id"] for e in events} == delivered_ids(events_file)  # MQTT got what the file got
@@ -180,7 +200,7 @@ async def test_broker_outage_mid_run_loses_nothing(mosquitto_factory: MosquittoF
         raw = config_dict(url, tmp_path / "state.db", sinks)
         raw["source"]["track"] = ids
         async with running(make_config(raw)) as daemon:
-            sink = daemon.workers["mqtt"].sink
+            sink = daemon.sinks.workers["mqtt"].sink
             await start_the_clock(sim, recorder, ids, speed=12)
             await eventually(lambda: len(recorder.events()) >= 30, timeout=30)
             broker.stop()
@@ -188,13 +208,13 @@ async def test_broker_outage_mid_run_loses_nothing(mosquitto_factory: MosquittoF
             behind = len(delivered_ids(events_file))
             # Transitions keep being detected and queued while the broker is away.
             await eventually(lambda: len(delivered_ids(events_file)) >= behind + 5, timeout=30)
-            assert daemon.store.deliveries("mqtt"), "rows wait in the outbox during the outage"
+            assert await daemon.store.deliveries("mqtt"), "rows wait in the outbox during the outage"
             assert sink.health() == "failing"
             broker.start()
             await eventually(lambda: sink.health() == "ok", timeout=40)
             await eventually(lambda: all(sim.get(i)["status"] in FINAL for i in ids), timeout=60)
-            await eventually(lambda: not daemon.store.batches(daemon.source, states=["active"]), timeout=20)
-            await eventually(lambda: not daemon.store.deliveries(), timeout=40)
+            await until(lambda: none_active(daemon), timeout=20)
+            await until(lambda: all_delivered(daemon), timeout=40)
             await eventually(lambda: {e["id"] for e in recorder.events()} >= delivered_ids(events_file), timeout=20)
         unique = recorder.unique_events()
         assert {e["id"] for e in unique} == delivered_ids(events_file)
@@ -222,7 +242,9 @@ async def test_daemon_killed_with_sigkill(mosquitto: Mosquitto, tmp_path: Path) 
         assert await proc.wait() == -signal.SIGKILL
         await eventually(lambda: recorder.availability()[-1:] == [b"offline"], timeout=10)  # the Last Will
         before = len(recorder.events())
-        await asyncio.sleep(2)  # transitions keep happening while the daemon is dead
+        # Transitions keep happening while the daemon is dead.
+        at_kill = {i: sim.get(i)["status"] for i in ids}
+        await eventually(lambda: sum(sim.get(i)["status"] != at_kill[i] for i in ids) >= 3, timeout=30)
 
         proc = await start_daemon_process(config, log)
         try:

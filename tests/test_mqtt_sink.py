@@ -20,12 +20,13 @@ import pytest
 import structlog
 
 from poller.config import MqttSinkConfig, parse_config
+from poller.domain.events import Event, encode
 from poller.errors import ConfigError, DeliveryError
-from poller.events import encode, make_event
-from poller.models import Batch, Event
+from poller.providers.openai_types import Batch
 from poller.sinks.mqtt import MqttSink
 from tests import helpers
 from tests.broker import Mosquitto, MosquittoFactory, TlsFiles
+from tests.helpers import make_event
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "batch-poller"
@@ -205,6 +206,8 @@ async def test_events_of_several_batches_arrive_on_their_topics(mosquitto: Mosqu
         "source": "openai",
         "status": "completed",
         "previous_status": "validating",
+        "provider": "openai",
+        "provider_status": "completed",
         "request_counts": {"completed": 3, "failed": 0, "total": 10},
         "updated_at": completed.created_at,
         "detected_at": completed.data.detected_at,

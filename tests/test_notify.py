@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from poller.notify import Notifier, watchdog_loop
+from poller.runtime.notify import Notifier, watchdog_loop
 
 
 class Receiver:

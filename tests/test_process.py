@@ -1,4 +1,7 @@
-"""Real `batch-poller` subprocesses: SIGKILL and restart, bad configs, the CLI beside a running daemon."""
+"""Real `batch-poller` subprocesses: SIGKILL and restart, bad configs, the CLI beside a running daemon.
+
+The CLI's own behaviour (exit codes, options, output formats) is in tests/test_cli.py.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
-from poller.sim import serve
+from poller.sim import OpenAISim, SimClock, serve
 from tests.helpers import (
+    FAST_PROFILE,
     FINAL,
     KEY_ENV,
     check_event_log,
@@ -38,6 +44,28 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+class RecordingSim(OpenAISim):
+    """An OpenAISim that remembers, in order, which batch each retrieve asked for."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.retrieved: list[str] = []
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        async def note(request: web.Request, _: web.StreamResponse) -> None:
+            if request.method == "GET" and "batch_id" in request.match_info:
+                self.retrieved.append(request.match_info["batch_id"])
+
+        app.on_response_prepare.append(note)
+        return app
+
+
+def started(log: Path) -> bool:
+    return log.exists() and "batch-poller started" in log.read_text()
+
+
 def pending_rows(config) -> list[str]:
     out = cli("deliveries", "--config", str(config)).stdout
     return [line for line in out.splitlines() if line.split()[1:2] == ["pending"]]
@@ -60,7 +88,12 @@ async def test_sigkill_mid_run_loses_nothing_and_reemits_nothing(tmp_path):
         proc.send_signal(signal.SIGKILL)
         assert await proc.wait() == -signal.SIGKILL
         before = len(read_jsonl(events_file))
-        await asyncio.sleep(2)  # transitions keep happening while the daemon is dead
+
+        def last_seen() -> dict[str, str]:
+            return {e["data"]["id"]: e["data"]["status"] for e in read_jsonl(events_file)}
+
+        # Transitions keep happening while the daemon is dead: wait for a few nobody has seen.
+        await eventually(lambda: sum(sim.get(i)["status"] != last_seen().get(i) for i in ids) >= 3, timeout=30)
 
         proc = await start_daemon_process(config, log)
         try:
@@ -99,29 +132,38 @@ async def test_sigterm_exits_zero_and_keeps_undelivered_rows(tmp_path):
 
 
 async def test_track_and_untrack_reach_a_running_daemon(tmp_path):
-    sim = fast_sim(speed=0.001)
+    sim = RecordingSim(clock=SimClock(speed=0.001), profile=FAST_PROFILE, seed=7)
     async with serve(sim) as url:
-        [batch_id] = sim.create_batches(1)
+        batch_id, keeper = sim.create_batches(2)
         events_file = tmp_path / "events.jsonl"
         raw = config_dict(url, str(tmp_path / "state.db"), [{"kind": "file", "path": str(events_file)}])
+        raw["source"]["track"] = [keeper]  # keeps being polled: the clock that shows batch_id is not
         config = write_toml(tmp_path / "config.toml", raw)
-        proc = await start_daemon_process(config, tmp_path / "daemon.log")
+        log = tmp_path / "daemon.log"
+        proc = await start_daemon_process(config, log)
         try:
-            await asyncio.sleep(0.5)
+            await eventually(lambda: started(log), timeout=15)
             result = cli("track", batch_id, "--config", str(config))
             assert result.returncode == 0
             assert "tracking" in result.stdout
-            await eventually(lambda: len(read_jsonl(events_file)) == 1, timeout=10)
+            await eventually(lambda: {e["data"]["id"] for e in read_jsonl(events_file)} == {batch_id, keeper})
             listing = cli("list", "--config", str(config)).stdout
             assert batch_id in listing
             assert "validating" in listing
             shown = cli("show", batch_id, "--config", str(config)).stdout
             assert "batch.validating" in shown
             assert cli("untrack", batch_id, "--config", str(config)).returncode == 0
-            await asyncio.sleep(1.5)
-            polled = sim.stats.retrieve
-            await asyncio.sleep(1.5)
-            assert sim.stats.retrieve == polled
+
+            def keeper_polls_since_last_of_batch() -> int:
+                tail = sim.retrieved[::-1]
+                return tail.index(batch_id) if batch_id in tail else len(tail)
+
+            # Both are polled at the same pace (max_interval 1 s), so four polls of keeper and none of
+            # batch_id means the daemon dropped it; then keep watching for three more of keeper's.
+            await eventually(lambda: keeper_polls_since_last_of_batch() >= 4, timeout=20)
+            mark = len(sim.retrieved)
+            await eventually(lambda: sim.retrieved[mark:].count(keeper) >= 3, timeout=20)
+            assert batch_id not in sim.retrieved[mark:]
         finally:
             assert await stop_process(proc) == 0
 
@@ -132,8 +174,12 @@ BAD_CONFIGS = [
     ("[source]\nbase_url = 'ftp://x'\n", "source.base_url"),
     ("[[sinks]]\nkind = 'carrier-pigeon'\n", "sinks[0]"),
     ("[[sinks]]\nkind = 'file'\n", "sinks[0].path"),
-    ("[source]\napi_key_env = 'NOT_SET_ANYWHERE'\n", "source.api_key_env"),
-    ("[source]\napi_key_file = '/nonexistent/key'\n", "source.api_key_file"),
+    # A secret's key is named by its source ("openai" for the legacy [source] table).
+    ("[source]\napi_key_env = 'NOT_SET_ANYWHERE'\n", "sources.openai.api_key_env"),
+    ("[source]\napi_key_file = '/nonexistent/key'\n", "sources.openai.api_key_file"),
+    ("[[sources]]\nname = 'a'\nprovider = 'openai'\napi_key_env = 'NOT_SET_ANYWHERE'\n", "sources.a.api_key_env"),
+    ("[[sources]]\nprovider = 'carrier-pigeon'\n", "sources[0]"),
+    ("[[sources]]\nname = 'a'\nprovider = 'openai'\n" * 2, "two sources are named 'a'"),
     ("this is not toml", "--config"),
 ]
 
@@ -204,9 +250,10 @@ async def test_status_asks_the_running_daemon_then_falls_back_to_the_store(tmp_p
             assert "sink file: ok" in out
         finally:
             assert await stop_process(proc) == 0
-        out = cli("status", "--config", str(config)).stdout
-        assert "not answering" in out
-        assert "2 validating" in out
+        result = cli("status", "--config", str(config))
+        assert result.returncode == 3  # no daemon answers
+        assert "not answering" in result.stdout
+        assert "2 validating" in result.stdout
 
 
 async def test_cancel_goes_through_the_api(tmp_path):

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from poller.schedule import Intervals, Pacer, error_delay, full_jitter, parse_retry_after
+from poller.domain.schedule import Intervals, Pacer, error_delay, full_jitter, parse_retry_after
 
 BASE = {"validating": 10.0, "in_progress": 30.0, "finalizing": 5.0}
 INTERVALS = Intervals(base=BASE, growth=1.5, max_interval=300.0, default=20.0)

@@ -1,4 +1,5 @@
-"""The HTTP service in front of a real in-process daemon, polling the simulator over real HTTP, with file sinks."""
+"""The HTTP service in front of a real in-process daemon (through `DaemonControl`, its real backend),
+polling simulators over real HTTP, with file sinks."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from poller.config import ServiceConfig, parse_config
-from poller.daemon import Daemon
 from poller.errors import ConfigError
-from poller.service import Service
-from poller.sim import OpenAISim, serve
+from poller.polling.runner import SourceRunner
+from poller.runtime.control import DaemonControl
+from poller.runtime.daemon import Daemon
+from poller.service.app import Service
+from poller.sim import OpenAISim, SimClock, serve
 from tests.helpers import (
     KEY_ENV,
     cli_env,
@@ -41,14 +44,28 @@ LOOPBACK = ServiceConfig(listen="127.0.0.1:0")
 
 @dataclass
 class Stack:
-    sim: OpenAISim
+    sims: dict[str, OpenAISim]
     daemon: Daemon
+    control: DaemonControl
     service: Service
     http: aiohttp.ClientSession
     events: Path
 
+    @property
+    def sim(self) -> OpenAISim:
+        [sim] = self.sims.values()
+        return sim
+
+    @property
+    def runner(self) -> SourceRunner:
+        return self.daemon.runner(None)
+
     async def get(self, path: str, **kwargs: Any) -> tuple[int, Any]:
         async with self.http.get(path, **kwargs) as resp:
+            return resp.status, await resp.json()
+
+    async def post(self, body: Any, **kwargs: Any) -> tuple[int, Any]:
+        async with self.http.post("/v1/batches", json=body, **kwargs) as resp:
             return resp.status, await resp.json()
 
     async def until(self, path: str, status: int, timeout: float = 20.0) -> Any:
@@ -63,28 +80,48 @@ class Stack:
             await asyncio.sleep(0.05)
 
 
+async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0) -> None:
+    """`eventually` for checks that must await (the store, a scrape): until `await check()` is truthy."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        await asyncio.sleep(0.05)
+
+
 @asynccontextmanager
 async def stack(
     tmp_path: Path,
-    sim: OpenAISim,
+    sim: OpenAISim | dict[str, OpenAISim],
     *,
     track: list[str] | None = None,
     service: ServiceConfig = LOOPBACK,
     environ: dict[str, str] | None = None,
     extra_sinks: list[dict[str, Any]] | None = None,
 ) -> AsyncIterator[Stack]:
-    """OpenAISim, daemon with a file sink, and a Service on a free loopback port; torn down in reverse."""
+    """Simulators, a daemon with a file sink, and a Service on a free loopback port; torn down in reverse.
+
+    One simulator is the legacy single `[source]`; a dict of them is one `[[sources]]` entry per name.
+    """
+    sims = sim if isinstance(sim, dict) else {"openai": sim}
     events = tmp_path / "events.jsonl"
-    async with serve(sim) as url:
+    async with AsyncExitStack() as stack:
+        urls = {name: await stack.enter_async_context(serve(s)) for name, s in sims.items()}
         sinks = [{"kind": "file", "name": "file", "path": str(events)}, *(extra_sinks or [])]
-        raw = config_dict(url, tmp_path / "state.db", sinks)
-        raw["source"]["track"] = track or []
-        async with (
-            running(make_config(raw)) as daemon,
-            Service(daemon, service, environ=environ) as svc,
-            aiohttp.ClientSession(base_url=svc.url) as http,
-        ):
-            yield Stack(sim, daemon, svc, http, events)
+        raw = config_dict(next(iter(urls.values())), tmp_path / "state.db", sinks)
+        if isinstance(sim, dict):
+            del raw["source"]
+            raw["sources"] = [
+                {"name": name, "provider": "openai", "base_url": url, "api_key_env": KEY_ENV, "track": track or []}
+                for name, url in urls.items()
+            ]
+        else:
+            raw["source"]["track"] = track or []
+        daemon = await stack.enter_async_context(running(make_config(raw)))
+        control = DaemonControl(daemon)
+        svc = await stack.enter_async_context(Service(control, service, environ=environ))
+        http = await stack.enter_async_context(aiohttp.ClientSession(base_url=svc.url))
+        yield Stack(sims, daemon, control, svc, http, events)
 
 
 def scrape_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -107,6 +144,10 @@ async def scrape(st: Stack) -> dict[tuple[str, frozenset[tuple[str, str]]], floa
         return scrape_samples(await resp.text())
 
 
+async def no_backlog(st: Stack) -> bool:
+    return not await st.daemon.store.deliveries()
+
+
 # -- probes ---------------------------------------------------------------------------------------
 
 
@@ -123,7 +164,7 @@ async def test_readyz_ok_after_a_successful_poll(tmp_path):
     sim = fast_sim(speed=0.001)
     ids = sim.create_batches(1)
     async with stack(tmp_path, sim, track=ids) as st:
-        await eventually(lambda: st.daemon.health.last_success is not None)
+        await eventually(lambda: st.runner.health.last_success is not None)
         status, body = await st.get("/readyz")
         assert (status, body["status"], body["reasons"]) == (200, "ok", [])
 
@@ -146,7 +187,7 @@ async def test_metrics_counters_move_as_events_flow(tmp_path):
     ids = sim.create_batches(3)
     async with stack(tmp_path, sim, track=ids) as st:
         await eventually(lambda: len(read_jsonl(st.events)) == 3)
-        await eventually(lambda: not st.daemon.store.deliveries())
+        await until(lambda: no_backlog(st))
         first = await scrape(st)
         assert total(first, "batch_poller_events_total", type="batch.validating") == 3
         assert total(first, "batch_poller_deliveries_total", sink="file", result="delivered") == 3
@@ -158,9 +199,10 @@ async def test_metrics_counters_move_as_events_flow(tmp_path):
         assert total(first, "batch_poller_sink_up", sink="file") == 1
         assert total(first, "batch_poller_tracked_batches", status="validating") == 3
 
+        assert isinstance(sim.clock, SimClock)
         sim.clock.speed = 40  # let the batches run to the end
         await eventually(lambda: len(read_jsonl(st.events)) >= 9, timeout=60)
-        await eventually(lambda: not st.daemon.store.deliveries())
+        await until(lambda: no_backlog(st))
         second = await scrape(st)
         delivered = len(read_jsonl(st.events))
         assert total(second, "batch_poller_events_total") >= delivered > 3
@@ -168,10 +210,15 @@ async def test_metrics_counters_move_as_events_flow(tmp_path):
         assert total(second, "batch_poller_deliveries_total", sink="file", result="delivered") == delivered
         assert total(second, "batch_poller_api_requests_total") > total(first, "batch_poller_api_requests_total")
         # The gauge follows the batches as they move, not only when something outside writes the state file.
-        sim.clock.speed = 0.001  # freeze, and give every batch a poll at the frozen time (max_interval 1 s)
-        await asyncio.sleep(1.5)
+        sim.clock.speed = 0.001  # freeze, and wait until memory has caught up with the frozen statuses
+        tracker = st.runner.tracker
+
+        def caught_up() -> bool:
+            return all(b.knowledge.status == sim.get(b.id)["status"] for b in tracker.active())
+
+        await eventually(caught_up)
         second = await scrape(st)
-        moved = st.daemon.tracked_counts()
+        moved = st.daemon.tracked_counts()["openai"]
         assert moved != {"validating": 3}
         assert total(second, "batch_poller_tracked_batches") == sum(moved.values())
         for status, count in moved.items():
@@ -186,8 +233,14 @@ async def test_metrics_show_a_failing_sinks_backlog(tmp_path):
     ids = sim.create_batches(2)
     async with stack(tmp_path, sim, track=ids, extra_sinks=[broken]) as st:
         await eventually(lambda: len(read_jsonl(st.events)) == 2)
-        await asyncio.sleep(1.1)  # so the oldest pending row is visibly old
-        samples = await scrape(st)
+        samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+
+        async def visibly_old() -> bool:  # the oldest pending row is at least a second old
+            nonlocal samples
+            samples = await scrape(st)
+            return total(samples, "batch_poller_outbox_oldest_pending_seconds", sink="broken") >= 1
+
+        await until(visibly_old)
         assert total(samples, "batch_poller_outbox_pending", sink="broken") == 2
         assert total(samples, "batch_poller_outbox_oldest_pending_seconds", sink="broken") >= 1
         assert total(samples, "batch_poller_sink_up", sink="broken") == 0
@@ -248,7 +301,7 @@ async def test_post_tracks_a_batch_the_daemon_polls_get_lists_delete_untracks(tm
         async with st.http.delete(f"/v1/batches/{first}") as resp:
             assert resp.status == 200
             assert await resp.json() == {"id": first, "object": "batch", "deleted": True}
-        assert first not in st.daemon.tracker.batches
+        assert first not in st.runner.tracker.batches
         status, body = await st.get(f"/v1/batches/{first}")
         assert status == 404
         assert body["error"]["type"] == "not_found"
@@ -274,6 +327,10 @@ BAD_BODIES: list[Any] = [
     {"id": "batch_a", "ids": ["batch_b"]},
     {"batch_id": "batch_a"},
     {"ids": [f"batch_{i}" for i in range(1001)]},
+    {"id": "batch_a", "source": 5},
+    {"id": "batch_a", "source": "bad name!"},
+    {"id": "batch_a", "source": "nope"},  # no such source
+    {"source": "openai"},
 ]
 
 
@@ -286,7 +343,7 @@ async def test_bad_post_bodies_are_refused_with_400(tmp_path):
                 error = (await resp.json())["error"]
                 assert error["type"] == "invalid_request_error"
                 assert error["message"]
-        assert st.daemon.store.batches(st.daemon.source) == []
+        assert await st.daemon.store.batches() == []
 
 
 async def test_unknown_routes_and_methods_answer_json_errors(tmp_path):
@@ -297,6 +354,88 @@ async def test_unknown_routes_and_methods_answer_json_errors(tmp_path):
             assert resp.status == 405
             assert "POST" in resp.headers["Allow"]
             assert (await resp.json())["error"]["message"]
+
+
+async def test_bad_source_query_is_refused_with_400(tmp_path):
+    async with stack(tmp_path, fast_sim(speed=0.001)) as st:
+        for query in ("?source=bad%20name!", "?source=nope"):
+            status, body = await st.get("/v1/batches" + query)
+            assert (status, body["error"]["type"]) == (400, "invalid_request_error"), query
+
+
+# -- sources --------------------------------------------------------------------------------------
+
+
+def two_sims() -> dict[str, OpenAISim]:
+    return {"alpha": fast_sim(speed=0.001, seed=61), "beta": fast_sim(speed=0.001, seed=62)}
+
+
+async def test_source_filters_get_and_post_tracks_into_the_named_source(tmp_path):
+    sims = two_sims()
+    a_ids = sims["alpha"].create_batches(2)
+    [b_id] = sims["beta"].create_batches(1)
+    async with stack(tmp_path, sims) as st:
+        status, body = await st.post({"ids": a_ids, "source": "alpha"})
+        assert (status, body["added"]) == (201, a_ids)
+        assert {v["source"] for v in body["data"]} == {"alpha"}
+        async with st.http.post("/v1/batches?source=beta", json={"id": b_id}) as resp:  # the query works too
+            assert resp.status == 201
+            assert [v["source"] for v in (await resp.json())["data"]] == ["beta"]
+
+        # Each batch is polled from its own source's API.
+        await eventually(lambda: len(read_jsonl(st.events)) == 3)
+        got = {(e["data"]["source"], e["data"]["id"]) for e in read_jsonl(st.events)}
+        assert got == {("alpha", a_ids[0]), ("alpha", a_ids[1]), ("beta", b_id)}
+        assert set(st.daemon.runner("alpha").tracker.batches) == set(a_ids)
+        assert set(st.daemon.runner("beta").tracker.batches) == {b_id}
+
+        status, listing = await st.get("/v1/batches?source=alpha")
+        assert status == 200
+        assert sorted(v["id"] for v in listing["data"]) == sorted(a_ids)
+        assert {v["source"] for v in listing["data"]} == {"alpha"}
+        status, listing = await st.get("/v1/batches?source=beta")
+        assert [(v["source"], v["id"]) for v in listing["data"]] == [("beta", b_id)]
+        status, listing = await st.get("/v1/batches")
+        assert sorted(v["id"] for v in listing["data"]) == sorted([*a_ids, b_id])
+
+        assert (await st.get(f"/v1/batches/{a_ids[0]}?source=beta"))[0] == 404
+        status, view = await st.get(f"/v1/batches/{a_ids[0]}?source=alpha")
+        assert (status, view["source"], view["id"]) == (200, "alpha", a_ids[0])
+        async with st.http.delete(f"/v1/batches/{a_ids[0]}?source=beta") as resp:
+            assert resp.status == 404
+        async with st.http.delete(f"/v1/batches/{a_ids[0]}?source=alpha") as resp:
+            assert resp.status == 200
+        status, listing = await st.get("/v1/batches?source=alpha")
+        assert [v["id"] for v in listing["data"]] == [a_ids[1]]
+
+
+async def test_an_unknown_or_missing_source_is_a_400_naming_the_choices(tmp_path):
+    sims = two_sims()
+    [a_id] = sims["alpha"].create_batches(1)
+    async with stack(tmp_path, sims) as st:
+
+        def names_choices(message: str) -> bool:
+            return "alpha" in message and "beta" in message
+
+        # Two sources and none named: a POST cannot guess where the batch lives.
+        status, body = await st.post({"id": a_id})
+        assert (status, body["error"]["type"]) == (400, "invalid_request_error")
+        assert "more than one source" in body["error"]["message"]
+        assert names_choices(body["error"]["message"]), body
+
+        status, body = await st.post({"id": a_id, "source": "gamma"})
+        assert status == 400
+        assert "gamma" in body["error"]["message"]
+        assert names_choices(body["error"]["message"]), body
+        for path in ("/v1/batches?source=gamma", f"/v1/batches/{a_id}?source=gamma"):
+            status, body = await st.get(path)
+            assert status == 400, path
+            assert "gamma" in body["error"]["message"]
+            assert names_choices(body["error"]["message"]), body
+        async with st.http.delete(f"/v1/batches/{a_id}?source=gamma") as resp:
+            assert resp.status == 400
+            assert names_choices((await resp.json())["error"]["message"])
+        assert await st.daemon.store.batches() == []
 
 
 # -- auth -----------------------------------------------------------------------------------------
@@ -321,7 +460,7 @@ async def test_token_guards_the_control_api_but_not_probes_or_metrics(tmp_path):
                     assert (await resp.json())["error"]["type"] == "authentication_error"
         async with st.http.post("/v1/batches", json={"id": "batch_x"}) as resp:
             assert resp.status == 401
-        assert st.daemon.store.batches(st.daemon.source) == []
+        assert await st.daemon.store.batches() == []
 
         good = {"Authorization": f"Bearer {TOKEN}"}
         assert (await st.get("/v1/batches", headers=good))[0] == 200
@@ -356,7 +495,7 @@ async def test_a_taken_port_is_a_config_error_naming_listen(tmp_path):
     async with stack(tmp_path, fast_sim(speed=0.001)) as st:
         taken = ServiceConfig(listen=f"127.0.0.1:{st.service.port}")
         with pytest.raises(ConfigError) as err:
-            async with Service(st.daemon, taken):
+            async with Service(st.control, taken):
                 pass
         assert err.value.key == "service.listen"
 

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from poller.sim import serve
 from tests.helpers import (
+    KEY_ENV,
     cli_env,
     config_dict,
     eventually,
@@ -72,10 +73,17 @@ async def test_ready_watchdog_reload_stopping(tmp_path, notify_socket):
         try:
             await eventually(lambda: notify_socket.has("READY=1"), timeout=15)
             await eventually(lambda: any(m.startswith("STATUS=tracking") for m in notify_socket.drain()))
-            await asyncio.sleep(1.2)
-            notify_socket.drain()
-            pings = [t for t, m in notify_socket.messages if m == "WATCHDOG=1"]
-            assert 3 <= len(pings) <= 30, pings  # every 0.2 s: half of WATCHDOG_USEC
+            mark = len(notify_socket.drain())
+
+            def pings() -> list[float]:
+                notify_socket.drain()
+                return [t for t, m in notify_socket.messages[mark:] if m == "WATCHDOG=1"]
+
+            # Every 0.2 s, half of WATCHDOG_USEC: six pings span about a second, neither a flood nor late.
+            await eventually(lambda: len(pings()) >= 6, timeout=10, interval=0.02)
+            got = pings()[:6]
+            gaps = (got[-1] - got[0]) / 5
+            assert 0.1 <= gaps <= 0.4, got
 
             # A valid change: a second tracked id. RELOADING=1 then READY=1, and it is applied.
             raw["source"]["track"] = ids
@@ -103,10 +111,12 @@ async def test_ready_watchdog_reload_stopping(tmp_path, notify_socket):
 
 async def test_sigterm_mid_delivery_exits_in_time_and_restart_delivers(tmp_path):
     hold = asyncio.Event()
+    arrived: list[str] = []
     received: list[str] = []
 
     async def hook(request: web.Request) -> web.Response:
         body = await request.json()
+        arrived.append(body["id"])
         if not hold.is_set():
             await asyncio.sleep(3600)  # accepts and never answers
         received.append(body["id"])
@@ -129,7 +139,7 @@ async def test_sigterm_mid_delivery_exits_in_time_and_restart_delivers(tmp_path)
             raw["service"]["shutdown_timeout"] = "1s"
             config = write_toml(tmp_path / "config.toml", raw)
             proc = await start_daemon_process(config, tmp_path / "daemon.log")
-            await asyncio.sleep(2.0)  # the three deliveries are in flight, hanging
+            await eventually(lambda: len(arrived) == 3, timeout=20)  # the three deliveries hang in flight
             started = time.monotonic()
             assert await stop_process(proc, signal.SIGTERM) == 0
             assert time.monotonic() - started < 8  # the 1 s deadline, plus start-up and teardown
@@ -143,3 +153,33 @@ async def test_sigterm_mid_delivery_exits_in_time_and_restart_delivers(tmp_path)
                 assert await stop_process(proc) == 0
     finally:
         await runner.cleanup()
+
+
+async def test_sighup_adds_a_source_and_sigint_stops_cleanly(tmp_path):
+    sims = {"alpha": fast_sim(speed=0.001, seed=81), "beta": fast_sim(speed=0.001, seed=82)}
+    async with serve(sims["alpha"]) as alpha_url, serve(sims["beta"]) as beta_url:
+        tracked = {name: sim.create_batches(1) for name, sim in sims.items()}
+        events = tmp_path / "events.jsonl"
+        raw = config_dict("http://placeholder", tmp_path / "state.db", [{"kind": "file", "path": str(events)}])
+        del raw["source"]
+        entries = {
+            name: {"name": name, "provider": "openai", "base_url": url, "api_key_env": KEY_ENV, "track": tracked[name]}
+            for name, url in (("alpha", alpha_url), ("beta", beta_url))
+        }
+        config = write_toml(tmp_path / "config.toml", raw | {"sources": [entries["alpha"]]})
+        log = tmp_path / "daemon.log"
+        proc = await start_daemon_process(config, log)
+        try:
+            await eventually(lambda: [e["data"]["source"] for e in read_jsonl(events)] == ["alpha"], timeout=15)
+            assert sims["beta"].stats.total == 0
+
+            write_toml(config, raw | {"sources": list(entries.values())})
+            proc.send_signal(signal.SIGHUP)
+            await eventually(lambda: "config reloaded" in log.read_text(), timeout=10)
+            await eventually(lambda: {e["data"]["source"] for e in read_jsonl(events)} == {"alpha", "beta"})
+            beta_events = [e for e in read_jsonl(events) if e["data"]["source"] == "beta"]
+            assert [e["data"]["id"] for e in beta_events] == tracked["beta"]
+            assert proc.returncode is None
+        finally:
+            assert await stop_process(proc, signal.SIGINT) == 0
+        assert "Traceback" not in log.read_text()

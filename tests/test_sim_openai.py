@@ -16,7 +16,7 @@ import openai
 import pytest
 from yarl import URL
 
-from poller.models import Batch
+from poller.providers.openai_types import Batch
 from poller.sim import (
     Fault,
     ManualClock,

@@ -6,10 +6,10 @@ import io
 
 import pytest
 
+from poller.domain.events import encode
 from poller.errors import DeliveryError
-from poller.events import encode, make_event
 from poller.sinks.stdout import StdoutSink
-from tests.helpers import make_batch
+from tests.helpers import make_batch, make_event
 
 
 def event(status: str, previous: str | None, counts: tuple[int, int, int] | None = None):
@@ -63,3 +63,26 @@ async def test_a_closed_stream_is_a_retryable_outage():
         with pytest.raises(DeliveryError) as info:
             await sink.send(e, encode(e))
     assert info.value.retryable
+
+
+async def test_text_lines_name_the_source_and_escape_what_the_provider_sent():
+    batch = make_batch("in_progress", "batch_\x1b[2Jx\nforged", request_counts={"completed": 1, "failed": 0, "total": 2})
+    e = make_event(
+        source="anthropic",
+        batch=batch,
+        event_type="batch.progress",
+        status="in_progress",
+        previous_status="in_progress",
+        sequence=3,
+        created_at=1_700_000_000,
+        detected_at=1_700_000_000.5,
+    )
+    stream = io.BytesIO()
+    async with StdoutSink("out", stream, text=True) as sink:
+        await sink.send(e, encode(e))
+    line = stream.getvalue().decode()
+    assert line.count("\n") == 1
+    assert "\x1b" not in line
+    assert "batch_\\x1b[2Jx\\x0aforged" in line
+    assert "anthropic" in line
+    assert "1/2 done" in line

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from poller.cli import EX_CONFIG
 from poller.config import ServiceConfig
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "batch-poller.service"
@@ -91,6 +92,7 @@ def one(service: dict[str, list[str]], key: str) -> str:
         ("WatchdogSec", "30s"),
         ("Restart", "on-failure"),
         ("RestartSec", "5s"),
+        ("RestartPreventExitStatus", "78"),
         ("TimeoutStopSec", "30s"),
         ("DynamicUser", "yes"),
         ("StateDirectory", "batch-poller"),
@@ -134,6 +136,14 @@ def test_syscall_filter_allows_the_service_set(service: dict[str, list[str]]) ->
     filters = service.get("SystemCallFilter", [])
     assert "@system-service" in filters
     assert any(f.startswith("~") and "@privileged" in f and "@resources" in f for f in filters)
+
+
+def test_a_config_error_is_not_restarted(service: dict[str, list[str]]) -> None:
+    """The CLI exits EX_CONFIG on any ConfigError; restarting every RestartSec would only repeat it."""
+    prevented = " ".join(service.get("RestartPreventExitStatus", [])).split()
+    assert str(EX_CONFIG) in prevented
+    assert EX_CONFIG == 78
+    assert one(service, "Restart") == "on-failure"  # any other failure is still restarted
 
 
 def test_stop_timeout_outlasts_the_drain_deadline(service: dict[str, list[str]]) -> None:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 
+from poller.domain.events import build_event, decode
+from poller.domain.schedule import Intervals
+from poller.domain.snapshot import Snapshot
+from poller.domain.transitions import Policy
 from poller.errors import ApiError
-from poller.events import decode
-from poller.records import ACTIVE, FINAL, GONE, TrackedBatch
-from poller.schedule import Intervals
-from poller.tracker import Backoff, Tracker
-from poller.transitions import Policy
-from tests.helpers import make_batch
+from poller.metrics import Metrics
+from poller.polling.recorder import Recorder
+from poller.polling.tracker import Backoff, Observation, Tracker
+from poller.store import ACTIVE, FINAL, GONE, TrackedBatch, open_store
+from poller.store.codec import dump_body
+from tests.helpers import make_snapshot
 
 SOURCE = "openai"
 T0 = 1_700_000_000
@@ -31,9 +36,9 @@ class Fixed(random.Random):
         return self.value
 
 
-def routed(event_type: str, metadata: dict[str, str] | None) -> list[str]:
+def routed(event_type: str, metadata: object, source: str) -> list[str]:
     sinks = ["stdout"]
-    if (metadata or {}).get("team") == "ml":
+    if isinstance(metadata, dict) and metadata.get("team") == "ml":
         sinks.append("mqtt")
     return sinks
 
@@ -44,11 +49,15 @@ def make_tracker(rand: random.Random | None = None, ids: tuple[str, ...] = ("bat
         intervals=Intervals(base=BASE, growth=2.0, max_interval=300.0),
         policy=Policy(),
         backoff=Backoff(base=5.0, cap=600.0, gone_after=3),
-        router=routed,
         rand=(rand or random.Random(SEED)).random,
     )
     tracker.load(TrackedBatch(source=SOURCE, id=i, origin="cli", added_at=0.0) for i in ids)
     return tracker
+
+
+def observe(tracker: Tracker, snap: Snapshot, now: float) -> Observation | None:
+    """What the refresher does with a fetched snapshot."""
+    return tracker.observe(snap, dump_body(snap.raw), now)
 
 
 # -- observe -----------------------------------------------------------------------------------------
@@ -56,98 +65,167 @@ def make_tracker(rand: random.Random | None = None, ids: tuple[str, ...] = ("bat
 
 def test_first_observation_records_the_event_and_schedules_at_the_status_base() -> None:
     tracker = make_tracker()
-    observation = tracker.observe(make_batch("validating", metadata={"team": "ml"}), NOW)
+    snap = make_snapshot("validating", metadata={"team": "ml"})
+    observation = observe(tracker, snap, NOW)
 
     assert observation is not None
-    assert observation.update is not None
-    row, events = observation.update
+    assert observation.snapshot is snap
+    row = observation.row
+    assert row is not None
     assert row.id == "batch_a"
     assert row.state == ACTIVE
     assert row.next_due == NOW + BASE["validating"]
     assert row.created_at == T0
     assert row.knowledge.status == "validating"
-    assert [e.type for e in events] == ["batch.validating"]
-    assert list(events[0].sinks) == ["stdout", "mqtt"]
-    assert decode(events[0].payload) == observation.events[0]
-    assert events[0].id == observation.events[0].id
-    assert events[0].sequence == 1
+    assert row.knowledge.sequence == 1
+    assert [c.type for c in observation.changes] == ["batch.validating"]
+    assert observation.changes[0].sequence == 1
+    assert observation.body == dump_body(snap.raw)
+    assert observation.expected_sequence == 0
+    assert observation.warning is None
     assert tracker.due(NOW + 9.9) == []
     assert [b.id for b in tracker.due(NOW + 10.0)] == ["batch_a"]
 
 
+async def test_an_observation_becomes_routed_durable_events(tmp_path: Path) -> None:
+    """Tracker and recorder together: the events the store keeps are the changes' events, routed by metadata."""
+    tracker = make_tracker()
+    snap = make_snapshot("in_progress", metadata={"team": "ml"}, in_progress_at=T0 + 10)
+    async with open_store(tmp_path / "state.db") as store:
+        await store.track(SOURCE, ["batch_a"], "cli", NOW)
+        tracker.load(await store.batches(SOURCE))
+        observation = observe(tracker, snap, NOW)
+        assert observation is not None
+        recorder = Recorder(store, routed, Metrics())
+
+        recorded = await recorder.record(SOURCE, "openai", [observation], NOW)
+
+        assert recorded.conflicts == ()
+        assert recorded.enqueued == 4  # two events, two sinks each
+        logged = await store.read_events(0, 10)
+        expected = [build_event(SOURCE, "openai", snap, c, NOW) for c in observation.changes]
+        assert [decode(e.payload) for e in logged] == expected
+        assert [e.type for e in expected] == ["batch.validating", "batch.in_progress"]
+        deliveries = await store.deliveries(states=("pending",))
+        assert sorted((d.sink, d.sequence) for d in deliveries) == [
+            ("mqtt", 1),
+            ("mqtt", 2),
+            ("stdout", 1),
+            ("stdout", 2),
+        ]
+        stored = await store.batch(SOURCE, "batch_a")
+        assert stored is not None
+        assert observation.row is not None
+        assert stored.knowledge == observation.row.knowledge
+        assert stored.knowledge.sequence == 2
+        assert stored.raw == dict(snap.raw)
+
+        # a second write of the same observation finds the sequence moved on: a conflict, nothing enqueued twice
+        again = await recorder.record(SOURCE, "openai", [observation], NOW + 1)
+        assert again.conflicts == ((SOURCE, "batch_a"),)
+        assert again.enqueued == 0
+
+
 def test_unchanged_batch_gives_no_update_and_backs_off() -> None:
     tracker = make_tracker()
-    batch = make_batch("in_progress", request_counts={"completed": 1, "failed": 0, "total": 9})
-    tracker.observe(batch, NOW)
+    snap = make_snapshot("in_progress", request_counts={"completed": 1, "failed": 0, "total": 9})
+    observe(tracker, snap, NOW)
 
     intervals = []
     now = NOW
     for _ in range(6):
         now = tracker.batches["batch_a"].next_due
-        observation = tracker.observe(batch, now)
+        observation = observe(tracker, snap, now)
         assert observation is not None
-        assert observation.update is None
-        assert observation.events == []
+        assert observation.row is None
+        assert observation.changes == []
         intervals.append(tracker.batches["batch_a"].next_due - now)
     assert intervals == [60.0, 120.0, 240.0, 300.0, 300.0, 300.0]  # base 30, x2 per quiet poll, cap 300
 
 
 def test_a_change_resets_the_interval_to_the_new_status_base() -> None:
     tracker = make_tracker()
-    tracker.observe(make_batch("validating"), NOW)
-    tracker.observe(make_batch("validating"), NOW + 10)
-    tracker.observe(make_batch("validating"), NOW + 30)
+    observe(tracker, make_snapshot("validating"), NOW)
+    observe(tracker, make_snapshot("validating"), NOW + 10)
+    observe(tracker, make_snapshot("validating"), NOW + 30)
     assert tracker.batches["batch_a"].interval == 40.0
 
-    observation = tracker.observe(make_batch("in_progress", in_progress_at=T0 + 1_050), NOW + 70)
+    observation = observe(tracker, make_snapshot("in_progress", in_progress_at=T0 + 1_050), NOW + 70)
     assert observation is not None
-    assert observation.update is not None
-    assert [e.type for e in observation.update[1]] == ["batch.in_progress"]
+    assert observation.row is not None
+    assert [c.type for c in observation.changes] == ["batch.in_progress"]
+    assert observation.expected_sequence == 1  # the write must find the row as the first poll left it
     assert tracker.batches["batch_a"].next_due == NOW + 70 + BASE["in_progress"]
 
 
 def test_final_batch_is_marked_final_and_never_due_again() -> None:
     tracker = make_tracker()
-    tracker.observe(make_batch("in_progress"), NOW)
-    done = make_batch("completed", finalizing_at=T0 + 1_010, completed_at=T0 + 1_020)
-    observation = tracker.observe(done, NOW + 30)
+    observe(tracker, make_snapshot("in_progress"), NOW)
+    done = make_snapshot("completed", finalizing_at=T0 + 1_010, completed_at=T0 + 1_020)
+    observation = observe(tracker, done, NOW + 30)
 
     assert observation is not None
-    assert observation.update is not None
-    row, events = observation.update
+    row = observation.row
+    assert row is not None
     assert row.state == FINAL
     assert row.finished_at == NOW + 30
-    assert [e.type for e in events] == ["batch.finalizing", "batch.completed"]
+    assert [c.type for c in observation.changes] == ["batch.finalizing", "batch.completed"]
     assert math.isinf(tracker.batches["batch_a"].next_due)
     assert tracker.due(NOW + 10**9) == []
     assert tracker.active() == []
-    assert tracker.observe(done, NOW + 60) is None
+    assert observe(tracker, done, NOW + 60) is None
 
 
 def test_update_is_a_copy_not_the_live_record() -> None:
     tracker = make_tracker()
-    observation = tracker.observe(make_batch("validating"), NOW)
+    observation = observe(tracker, make_snapshot("validating"), NOW)
     assert observation is not None
-    assert observation.update is not None
-    row = observation.update[0]
-    tracker.observe(make_batch("in_progress"), NOW + 10)
+    assert observation.row is not None
+    row = observation.row
+    observe(tracker, make_snapshot("in_progress"), NOW + 10)
     assert row.knowledge.status == "validating"
 
 
 def test_untracked_batch_is_ignored() -> None:
     tracker = make_tracker()
-    assert tracker.observe(make_batch("validating", batch_id="batch_unknown"), NOW) is None
+    assert observe(tracker, make_snapshot("validating", batch_id="batch_unknown"), NOW) is None
 
 
 def test_stale_snapshot_warns_and_writes_nothing() -> None:
     tracker = make_tracker()
-    tracker.observe(make_batch("in_progress"), NOW)
-    observation = tracker.observe(make_batch("validating"), NOW + 30)
+    observe(tracker, make_snapshot("in_progress"), NOW)
+    observation = observe(tracker, make_snapshot("validating"), NOW + 30)
     assert observation is not None
-    assert observation.update is None
-    assert observation.events == []
+    assert observation.row is None
+    assert observation.changes == []
     assert observation.warning
     assert tracker.batches["batch_a"].knowledge.status == "in_progress"
+
+
+def test_a_change_with_an_unchanged_body_keeps_the_stored_body() -> None:
+    """A stall is detected from time alone: the row and event are written, the body is not rewritten."""
+    tracker = make_tracker()
+    snap = make_snapshot("in_progress", request_counts={"completed": 1, "failed": 0, "total": 9})
+    observe(tracker, snap, NOW)
+    observation = observe(tracker, snap, NOW + Policy().stall_after)
+    assert observation is not None
+    assert observation.row is not None
+    assert [c.type for c in observation.changes] == ["batch.stalled"]
+    assert observation.body is None
+
+
+def test_recovering_from_errors_writes_the_reset_row_even_when_nothing_changed() -> None:
+    tracker = make_tracker()
+    snap = make_snapshot("in_progress")
+    observe(tracker, snap, NOW)
+    tracker.failed("batch_a", ApiError("boom", status=500), NOW + 1, counts_as_gone=False)
+    assert tracker.batches["batch_a"].error_streak == 1
+    observation = observe(tracker, snap, NOW + 30)
+    assert observation is not None
+    assert observation.row is not None
+    assert observation.row.error_streak == 0
+    assert observation.changes == []
+    assert observation.body is None
 
 
 # -- failed ------------------------------------------------------------------------------------------
@@ -155,42 +233,55 @@ def test_stale_snapshot_warns_and_writes_nothing() -> None:
 
 def test_not_found_gone_after_times_marks_the_batch_gone() -> None:
     tracker = make_tracker()
-    tracker.observe(make_batch("in_progress"), NOW)
+    observe(tracker, make_snapshot("in_progress"), NOW)
     missing = ApiError("no such batch", status=404)
 
-    assert tracker.failed("batch_a", missing, NOW + 30) is None
-    assert tracker.failed("batch_a", missing, NOW + 60) is None
+    assert tracker.failed("batch_a", missing, NOW + 30, counts_as_gone=True) is None
+    assert tracker.failed("batch_a", missing, NOW + 60, counts_as_gone=True) is None
     assert tracker.batches["batch_a"].state == ACTIVE
-    update = tracker.failed("batch_a", missing, NOW + 90)
+    row = tracker.failed("batch_a", missing, NOW + 90, counts_as_gone=True)
 
-    assert update is not None
-    row, events = update
+    assert row is not None
     assert row.state == GONE
     assert row.finished_at == NOW + 90
-    assert events == []
+    assert row is not tracker.batches["batch_a"]  # a copy to write
     assert tracker.due(NOW + 10**9) == []
-    assert tracker.failed("batch_a", missing, NOW + 120) is None
+    assert tracker.failed("batch_a", missing, NOW + 120, counts_as_gone=True) is None
+
+
+def test_a_404_that_does_not_count_only_backs_off() -> None:
+    """A 404 while the API does not otherwise answer properly says nothing about the batch."""
+    tracker = make_tracker(rand=Fixed(0.5))
+    missing = ApiError("no such batch", status=404)
+    for i in range(10):
+        assert tracker.failed("batch_a", missing, NOW + i, counts_as_gone=False) is None
+    batch = tracker.batches["batch_a"]
+    assert batch.state == ACTIVE
+    assert batch.not_found == 0
+    assert batch.error_streak == 10
+    assert batch.next_due == pytest.approx(NOW + 9 + 0.5 * 600.0)
 
 
 def test_a_successful_poll_resets_the_not_found_count() -> None:
     tracker = make_tracker()
     missing = ApiError("no such batch", status=404)
-    tracker.failed("batch_a", missing, NOW)
-    tracker.failed("batch_a", missing, NOW + 1)
-    tracker.observe(make_batch("in_progress"), NOW + 2)
-    tracker.failed("batch_a", missing, NOW + 3)
-    tracker.failed("batch_a", missing, NOW + 4)
+    tracker.failed("batch_a", missing, NOW, counts_as_gone=True)
+    tracker.failed("batch_a", missing, NOW + 1, counts_as_gone=True)
+    observe(tracker, make_snapshot("in_progress"), NOW + 2)
+    tracker.failed("batch_a", missing, NOW + 3, counts_as_gone=True)
+    tracker.failed("batch_a", missing, NOW + 4, counts_as_gone=True)
     assert tracker.batches["batch_a"].state == ACTIVE
 
 
 @pytest.mark.parametrize("status", [500, 503, None, 400, 401])
-def test_other_errors_back_off_with_full_jitter(status: int | None) -> None:
+@pytest.mark.parametrize("counts_as_gone", [True, False])
+def test_other_errors_back_off_with_full_jitter(status: int | None, counts_as_gone: bool) -> None:
     tracker = make_tracker()
     reference = random.Random(SEED)
     error = ApiError("boom", status=status)
     now = NOW
     for streak in range(1, 9):
-        assert tracker.failed("batch_a", error, now) is None
+        assert tracker.failed("batch_a", error, now, counts_as_gone=counts_as_gone) is None
         ceiling = min(600.0, 5.0 * 2 ** (streak - 1))
         assert tracker.batches["batch_a"].next_due == pytest.approx(now + reference.random() * ceiling)
         assert tracker.batches["batch_a"].state == ACTIVE
@@ -207,14 +298,35 @@ def test_other_errors_back_off_with_full_jitter(status: int | None) -> None:
 )
 def test_retry_after_is_a_floor(draw: float, retry_after: float, expected_delay: float) -> None:
     tracker = make_tracker(rand=Fixed(draw))
-    tracker.failed("batch_a", ApiError("slow down", status=429, retry_after=retry_after), NOW)
+    tracker.failed("batch_a", ApiError("slow down", status=429, retry_after=retry_after), NOW, counts_as_gone=False)
     assert tracker.batches["batch_a"].next_due == pytest.approx(NOW + expected_delay)
 
 
-def test_not_before_is_honoured() -> None:
-    tracker = make_tracker(rand=Fixed(0.5))
-    tracker.failed("batch_a", ApiError("down", status=502), NOW, not_before=NOW + 999)
-    assert tracker.batches["batch_a"].next_due == NOW + 999
+def test_a_pause_defers_every_active_batch_and_hurry_undoes_it() -> None:
+    """`failed(not_before=)` became `defer_all`: a pause (rejected credentials) holds every batch back."""
+    tracker = make_tracker(rand=Fixed(0.5), ids=("a", "b"))
+    tracker.failed("a", ApiError("down", status=502), NOW, counts_as_gone=False)
+    tracker.batches["b"].next_due = NOW + 2000
+    tracker.defer_all(NOW + 999)
+    assert tracker.batches["a"].next_due == NOW + 999
+    assert tracker.batches["b"].next_due == NOW + 2000  # never pulled in
+    assert tracker.due(NOW + 998) == []
+    tracker.hurry(NOW + 5)
+    assert [b.id for b in tracker.due(NOW + 5)] == ["a", "b"]
+
+
+def test_load_keeps_the_schedule_of_batches_already_known() -> None:
+    tracker = make_tracker(ids=("a", "b"))
+    tracker.batches["a"].next_due = NOW + 77
+    tracker.load(
+        [
+            TrackedBatch(source=SOURCE, id="a", origin="cli", added_at=0.0),
+            TrackedBatch(source="other", id="x", origin="cli", added_at=0.0),
+            TrackedBatch(source=SOURCE, id="c", origin="cli", added_at=0.0),
+        ]
+    )
+    assert sorted(tracker.batches) == ["a", "c"]  # b left, another source's row is not ours
+    assert tracker.batches["a"].next_due == NOW + 77
 
 
 def test_due_lists_most_overdue_first() -> None:
@@ -261,7 +373,7 @@ def test_a_few_of_the_newest_fit_on_one_page() -> None:
 def test_never_seen_batches_are_walked_only_when_a_fruitless_walk_stays_cheap() -> None:
     tracker = tracker_with_created([T0 + i for i in range(1000)])
 
-    def unplaced(n):
+    def unplaced(n: int) -> list[TrackedBatch]:
         return [TrackedBatch(source=SOURCE, id=f"x{i}", origin="cli", added_at=0.0) for i in range(n)]
 
     # 50 never-seen batches fit on one page: walk up to 2 pages, with no created_at to stop at.
@@ -270,7 +382,9 @@ def test_never_seen_batches_are_walked_only_when_a_fruitless_walk_stays_cheap() 
     assert tracker.plan_walk(unplaced(3)) is None
     # Mixed with a placed batch deep in the list, the budget covers reaching it.
     deep = tracker.batches["b0"]
-    stop_before, pages = tracker.plan_walk([*unplaced(50), deep])
+    plan = tracker.plan_walk([*unplaced(50), deep])
+    assert plan is not None
+    stop_before, pages = plan
     assert stop_before is None
     assert pages >= tracker.pages_needed(T0)
 

@@ -1,6 +1,8 @@
 """Transition detection, driven through tables with a fixed clock (like arq's tests/test_cron.py).
 
-Every expectation below comes from the issue's spec, not from reading `poller/transitions.py`.
+Every expectation below comes from the issue's spec, not from reading `poller/domain/transitions.py`.
+Snapshots come from the OpenAI adapter (`tests.helpers.make_snapshot`); the events checked are the ones
+the recorder would publish for each change (`build_event`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from typing import Any
 
 import pytest
 
-from poller.models import Batch, Event
-from poller.transitions import Detection, Knowledge, Policy, detect
-from tests.helpers import make_batch
+from poller.domain.events import Event, build_event
+from poller.domain.snapshot import Snapshot
+from poller.domain.transitions import Change, Detection, Knowledge, Policy, detect, pruned
+from tests.helpers import make_snapshot
 
 SOURCE = "openai"
+PROVIDER = "openai"
 T0 = 1_700_000_000  # the batch's created_at
 NOW = T0 + 5_000  # a detection time later than every *_at used below
 POLICY = Policy(progress=True, progress_interval=60.0, stall_after=1800.0, expiry_warning=3600.0)
@@ -23,8 +27,13 @@ def counts(completed: int, failed: int = 0, total: int = 100) -> dict[str, int]:
     return {"completed": completed, "failed": failed, "total": total}
 
 
-def first_sight(batch: Batch, now: float = NOW - 1000, policy: Policy = POLICY) -> Knowledge:
-    return detect(SOURCE, Knowledge(), batch, now, policy).knowledge
+def first_sight(snap: Snapshot, now: float = NOW - 1000, policy: Policy = POLICY) -> Knowledge:
+    return detect(Knowledge(), snap, now, policy).knowledge
+
+
+def events_of(snap: Snapshot, detection: Detection, now: float, source: str = SOURCE) -> list[Event]:
+    """The events the recorder builds for a detection's changes."""
+    return [build_event(source, PROVIDER, snap, change, now) for change in detection.changes]
 
 
 class Run:
@@ -37,11 +46,12 @@ class Run:
         self.per_poll: list[list[Event]] = []
         self.warnings: list[str | None] = []
 
-    def poll(self, batch: Batch, now: float) -> Detection:
-        result = detect(SOURCE, self.knowledge, batch, now, self.policy)
+    def poll(self, snap: Snapshot, now: float) -> Detection:
+        result = detect(self.knowledge, snap, now, self.policy)
+        events = events_of(snap, result, now)
         self.knowledge = result.knowledge
-        self.events += result.events
-        self.per_poll.append(result.events)
+        self.events += events
+        self.per_poll.append(events)
         self.warnings.append(result.warning)
         return result
 
@@ -53,16 +63,71 @@ def assert_sequences_consecutive(events: list[Event], start: int = 1) -> None:
 # -- status events ---------------------------------------------------------------------------------
 
 STATUS_CASES = [
-    # id, stored status (None: never seen), fetched status, fetched *_at fields, expected (type, previous, created_at)
+    # stored status (None: never seen), fetched status, fetched *_at fields, expected (type, previous, created_at)
+    # A change dated NOW is one the provider stamped nothing for: it must say it was dated by detection.
     pytest.param(None, "validating", {}, [("batch.validating", None, T0)], id="first-sight-validating"),
     pytest.param(
         None,
         "completed",
         {"in_progress_at": T0 + 10, "finalizing_at": T0 + 200, "completed_at": T0 + 300},
-        [("batch.completed", None, T0 + 300)],
-        id="first-sight-final-emits-one-event",
+        [
+            ("batch.validating", None, T0),
+            ("batch.in_progress", "validating", T0 + 10),
+            ("batch.finalizing", "in_progress", T0 + 200),
+            ("batch.completed", "finalizing", T0 + 300),
+        ],
+        id="first-sight-final-reconstructs-its-history",
     ),
-    pytest.param(None, "in_progress", {}, [("batch.in_progress", None, NOW)], id="first-sight-no-timestamp-uses-now"),
+    pytest.param(
+        None,
+        "in_progress",
+        {},
+        [("batch.validating", None, T0), ("batch.in_progress", "validating", NOW)],
+        id="first-sight-no-timestamp-uses-now",
+    ),
+    pytest.param(
+        None,
+        "failed",
+        {"failed_at": T0 + 5},
+        [("batch.validating", None, T0), ("batch.failed", "validating", T0 + 5)],
+        id="first-sight-failed",
+    ),
+    pytest.param(
+        None,
+        "failed",
+        {},
+        [("batch.validating", None, T0), ("batch.failed", "validating", NOW)],
+        id="first-sight-failed-unstamped",
+    ),
+    pytest.param(
+        None,
+        "completed",
+        {"completed_at": T0 + 300},
+        [
+            ("batch.validating", None, T0),
+            ("batch.in_progress", "validating", NOW),
+            ("batch.completed", "in_progress", T0 + 300),
+        ],
+        id="first-sight-completed-implies-in_progress",
+    ),
+    pytest.param(
+        None,
+        "finalizing",
+        {"finalizing_at": T0 + 200},
+        [
+            ("batch.validating", None, T0),
+            ("batch.in_progress", "validating", NOW),
+            ("batch.finalizing", "in_progress", T0 + 200),
+        ],
+        id="first-sight-finalizing-implies-in_progress",
+    ),
+    pytest.param(
+        None,
+        "cancelled",
+        {"cancelled_at": T0 + 90},
+        [("batch.validating", None, T0), ("batch.cancelled", "validating", T0 + 90)],
+        id="first-sight-cancelled-implies-nothing-unstamped",
+    ),
     pytest.param(
         "validating",
         "in_progress",
@@ -76,6 +141,13 @@ STATUS_CASES = [
         {},
         [("batch.in_progress", "validating", NOW)],
         id="missing-timestamp-falls-back-to-detection-time",
+    ),
+    pytest.param(
+        "validating",
+        "completed",
+        {"completed_at": T0 + 300},
+        [("batch.in_progress", "validating", NOW), ("batch.completed", "in_progress", T0 + 300)],
+        id="completed-implies-in_progress-even-unstamped",
     ),
     pytest.param(
         "validating",
@@ -142,40 +214,50 @@ STATUS_CASES = [
 
 @pytest.mark.parametrize(("stored", "status", "times", "expected"), STATUS_CASES)
 def test_status_events(
-    stored: str | None, status: str, times: dict[str, int], expected: list[tuple[str, str | None, int]]
+    stored: str | None, status: str, times: dict[str, Any], expected: list[tuple[str, str | None, int]]
 ) -> None:
-    known = Knowledge() if stored is None else first_sight(make_batch(stored, **times))
-    fetched = make_batch(status, request_counts=counts(3), **times)
+    known = Knowledge() if stored is None else first_sight(make_snapshot(stored, **times))
+    fetched = make_snapshot(status, request_counts=counts(3), **times)
 
-    result = detect(SOURCE, known, fetched, NOW, POLICY)
+    result = detect(known, fetched, NOW, POLICY)
+    events = events_of(fetched, result, NOW)
 
     assert result.warning is None
-    assert [(e.type, e.data.previous_status, e.created_at) for e in result.events] == expected
-    for event in result.events:
+    assert [(e.type, e.data.previous_status, e.created_at) for e in events] == expected
+    assert [c.dated_by_detection for c in result.changes] == [when == NOW for _, _, when in expected]
+    for event in events:
         assert event.type == f"batch.{event.data.status}"
         assert event.object == "event"
         assert event.data.id == "batch_a"
         assert event.data.source == SOURCE
+        assert event.data.provider == PROVIDER
+        assert event.data.provider_status == status
+        assert event.data.request_counts == {"total": 100, "completed": 3, "failed": 0}
         assert event.data.detected_at == NOW
-        assert event.data.batch == fetched.wire()
-    assert_sequences_consecutive(result.events, start=known.sequence + 1)
+        assert event.data.batch == fetched.raw
+    assert all(c.is_status for c in result.changes)
+    assert_sequences_consecutive(events, start=known.sequence + 1)
     assert result.knowledge.sequence == known.sequence + len(expected)
     assert result.knowledge.status == status
+    assert result.knowledge.seen >= {e.data.status for e in events}
     assert result.status_changed
 
 
 # -- nothing to emit: repeats, stale snapshots, unknown statuses ----------------------------------
 
-TIMES = {"in_progress_at": T0 + 10, "finalizing_at": T0 + 200, "completed_at": T0 + 300}
+TIMES: dict[str, Any] = {"in_progress_at": T0 + 10, "finalizing_at": T0 + 200, "completed_at": T0 + 300}
 
 IGNORED_CASES = [
     # id, snapshots already seen (in order), the snapshot fed now, whether a warning is expected
     pytest.param(["validating"], "validating", False, id="same-validating-twice"),
     pytest.param(["validating", "completed"], "completed", False, id="same-completed-twice"),
+    pytest.param(["completed"], "completed", False, id="same-reconstructed-completed-twice"),
     pytest.param(["validating", "in_progress"], "validating", True, id="stale-validating-after-in_progress"),
     pytest.param(["in_progress", "completed"], "in_progress", True, id="stale-in_progress-after-completed"),
     pytest.param(["validating", "completed"], "finalizing", True, id="stale-reconstructed-finalizing"),
     pytest.param(["validating", "completed"], "in_progress", True, id="stale-reconstructed-in_progress"),
+    pytest.param(["completed"], "validating", True, id="stale-validating-after-first-sight-completed"),
+    pytest.param(["completed"], "failed", True, id="another-final-status-after-final"),
     pytest.param(["in_progress", "cancelling"], "in_progress", True, id="stale-in_progress-after-cancelling"),
     pytest.param(["validating"], "paused", True, id="unknown-status"),
     pytest.param([], "paused", True, id="unknown-status-first-sight"),
@@ -189,15 +271,24 @@ def test_nothing_is_emitted_twice_and_bad_statuses_change_nothing(
 ) -> None:
     run = Run()
     for i, status in enumerate(history):
-        run.poll(make_batch(status, **TIMES), NOW + i)
+        run.poll(make_snapshot(status, **TIMES), NOW + i)
     before = run.knowledge
 
-    result = detect(SOURCE, before, make_batch(fetched, **TIMES), NOW + 100, POLICY)
+    result = detect(before, make_snapshot(fetched, **TIMES), NOW + 100, POLICY)
 
-    assert result.events == []
+    assert result.changes == []
     assert (result.warning is not None) == warns
     assert result.knowledge == before
     assert not result.status_changed
+
+
+def test_an_unknown_status_is_named_in_the_warning() -> None:
+    snap = make_snapshot("paused")
+    assert snap.status is None
+    assert snap.provider_status == "paused"
+    result = detect(Knowledge(), snap, NOW, POLICY)
+    assert result.warning is not None
+    assert "'paused'" in result.warning
 
 
 def test_each_status_is_emitted_once_over_a_noisy_history() -> None:
@@ -217,7 +308,7 @@ def test_each_status_is_emitted_once_over_a_noisy_history() -> None:
     ]
     run = Run()
     for i, status in enumerate(snapshots):
-        run.poll(make_batch(status, **TIMES), NOW + i)
+        run.poll(make_snapshot(status, **TIMES), NOW + i)
 
     assert [e.type for e in run.events] == [
         "batch.validating",
@@ -231,12 +322,12 @@ def test_each_status_is_emitted_once_over_a_noisy_history() -> None:
 
 
 def test_detection_is_pure() -> None:
-    known = first_sight(make_batch("validating"))
-    fetched = make_batch("completed", **TIMES)
-    first = detect(SOURCE, known, fetched, NOW, POLICY)
-    second = detect(SOURCE, known, fetched, NOW, POLICY)
+    known = first_sight(make_snapshot("validating"))
+    fetched = make_snapshot("completed", **TIMES)
+    first = detect(known, fetched, NOW, POLICY)
+    second = detect(known, fetched, NOW, POLICY)
     assert first == second
-    assert known == first_sight(make_batch("validating"))
+    assert known == first_sight(make_snapshot("validating"))
 
 
 # -- event ids ---------------------------------------------------------------------------------------
@@ -244,10 +335,10 @@ def test_detection_is_pure() -> None:
 
 def test_redetection_after_a_crash_gives_the_same_ids() -> None:
     """The store lost the last commit: the same knowledge meets the same batch later; ids must match."""
-    known = first_sight(make_batch("validating"))
-    fetched = make_batch("completed", **TIMES)
-    before_crash = detect(SOURCE, known, fetched, NOW, POLICY).events
-    after_restart = detect(SOURCE, known, fetched, NOW + 3600.5, POLICY).events
+    known = first_sight(make_snapshot("validating"))
+    fetched = make_snapshot("completed", **TIMES)
+    before_crash = events_of(fetched, detect(known, fetched, NOW, POLICY), NOW)
+    after_restart = events_of(fetched, detect(known, fetched, NOW + 3600.5, POLICY), NOW + 3600.5)
 
     assert [e.id for e in before_crash] == [e.id for e in after_restart]
     assert len({e.id for e in before_crash}) == 3  # distinct per type
@@ -262,23 +353,29 @@ def test_redetection_after_a_crash_gives_the_same_ids() -> None:
     ],
 )
 def test_ids_differ_when_source_batch_or_type_differ(source: str, batch_id: str, status: str) -> None:
-    reference = detect(SOURCE, Knowledge(), make_batch("validating"), NOW, POLICY).events[0]
-    other = detect(source, Knowledge(), make_batch(status, batch_id=batch_id), NOW, POLICY).events[0]
+    ref_snap = make_snapshot("validating")
+    [reference] = events_of(ref_snap, detect(Knowledge(), ref_snap, NOW, POLICY), NOW)
+    snap = make_snapshot(status, batch_id=batch_id)
+    # the last change of a first sight is the status the batch is in (the rest is reconstructed history)
+    other = events_of(snap, detect(Knowledge(), snap, NOW, POLICY), NOW, source=source)[-1]
+    assert other.type == f"batch.{status}"
     assert other.id != reference.id
 
 
 def test_first_sight_id_does_not_depend_on_time_or_sequence() -> None:
-    a = detect(SOURCE, Knowledge(), make_batch("in_progress"), NOW, POLICY).events[0]
-    b = detect(SOURCE, Knowledge(sequence=41), make_batch("in_progress"), NOW + 999, POLICY).events[0]
-    assert a.id == b.id
-    assert b.data.sequence == 42
+    snap = make_snapshot("in_progress")
+    a = events_of(snap, detect(Knowledge(), snap, NOW, POLICY), NOW)
+    b = events_of(snap, detect(Knowledge(sequence=41), snap, NOW + 999, POLICY), NOW + 999)
+    assert [e.type for e in a] == ["batch.validating", "batch.in_progress"]
+    assert [e.id for e in a] == [e.id for e in b]
+    assert [e.data.sequence for e in b] == [42, 43]
 
 
 def test_progress_ids_include_the_counts() -> None:
     def progress_after(completed: int) -> Event:
         run = Run()
-        run.poll(make_batch("in_progress", request_counts=counts(0)), NOW)
-        run.poll(make_batch("in_progress", request_counts=counts(completed)), NOW + 100)
+        run.poll(make_snapshot("in_progress", request_counts=counts(0)), NOW)
+        run.poll(make_snapshot("in_progress", request_counts=counts(completed)), NOW + 100)
         [event] = run.per_poll[-1]
         assert event.type == "batch.progress"
         return event
@@ -354,7 +451,7 @@ def test_progress(
 ) -> None:
     run = Run(policy=policy)
     for offset, status, rc in polls:
-        run.poll(make_batch(status, request_counts=rc), NOW + offset)
+        run.poll(make_snapshot(status, request_counts=rc), NOW + offset)
 
     emitted = [
         (i, event.data.batch["request_counts"])
@@ -363,10 +460,12 @@ def test_progress(
         if event.type == "batch.progress"
     ]
     assert emitted == expected
-    for events in run.per_poll:
+    for i, events in enumerate(run.per_poll):
         progress = [e for e in events if e.type == "batch.progress"]
         assert len(progress) <= 1
         assert not (progress and any(e.type.removeprefix("batch.") == e.data.status for e in events))
+        for event in progress:
+            assert event.data.request_counts == {k: polls[i][2][k] for k in ("total", "completed", "failed")}
     assert_sequences_consecutive(run.events)
 
 
@@ -409,7 +508,7 @@ STALL_CASES = [
 def test_stalled(polls: list[tuple[float, str, int]], expected: list[int]) -> None:
     run = Run(policy=QUIET)
     for offset, status, done in polls:
-        run.poll(make_batch(status, request_counts=counts(done)), NOW + offset)
+        run.poll(make_snapshot(status, request_counts=counts(done)), NOW + offset)
 
     stalled_polls = [i for i, events in enumerate(run.per_poll) for e in events if e.type == "batch.stalled"]
     assert stalled_polls == expected
@@ -456,7 +555,7 @@ EXPIRY_CASES = [
 def test_expiring(polls: list[tuple[float, str]], expected: list[int]) -> None:
     run = Run(policy=QUIET)
     for offset, status in polls:
-        run.poll(make_batch(status, expires_at=EXPIRES, request_counts=counts(1)), NOW + offset)
+        run.poll(make_snapshot(status, expires_at=EXPIRES, request_counts=counts(1)), NOW + offset)
 
     expiring_polls = [i for i, events in enumerate(run.per_poll) for e in events if e.type == "batch.expiring"]
     assert expiring_polls == expected
@@ -488,7 +587,8 @@ def test_sequence_is_strict_over_a_whole_lifecycle() -> None:
     ]
     run = Run()
     for offset, fields in polls:
-        run.poll(make_batch(batch_id="batch_life", expires_at=expires, **fields), NOW + offset)
+        status = fields.pop("status")
+        run.poll(make_snapshot(status, batch_id="batch_life", expires_at=expires, **fields), NOW + offset)
 
     assert [sorted(e.type for e in events) for events in run.per_poll] == [
         ["batch.validating"],
@@ -505,12 +605,35 @@ def test_sequence_is_strict_over_a_whole_lifecycle() -> None:
 
 
 def test_first_sight_of_a_retracked_batch_does_not_announce_a_known_status_again() -> None:
-    batch = make_batch("in_progress", "batch_r", created_at=1000, in_progress_at=1010)
+    fields: dict[str, Any] = {"created_at": T0, "in_progress_at": T0 + 10}
+    snap = make_snapshot("in_progress", "batch_r", **fields)
     known = Knowledge(sequence=2, seen=frozenset({"validating", "in_progress"}))
-    detection = detect("openai", known, batch, 2000.0, Policy())
-    assert detection.events == []
+    detection = detect(known, snap, T0 + 1000.0, Policy())
+    assert detection.changes == []
     assert detection.knowledge.status == "in_progress"
     assert detection.knowledge.sequence == 2
-    later = Batch.model_validate(batch.wire() | {"status": "completed", "finalizing_at": 1500, "completed_at": 1600})
-    events = detect("openai", detection.knowledge, later, 2001.0, Policy()).events
-    assert [(e.type, e.data.sequence) for e in events] == [("batch.finalizing", 3), ("batch.completed", 4)]
+    later = make_snapshot("completed", "batch_r", **fields, finalizing_at=T0 + 500, completed_at=T0 + 600)
+    changes = detect(detection.knowledge, later, T0 + 1001.0, Policy()).changes
+    assert [(c.type, c.sequence) for c in changes] == [("batch.finalizing", 3), ("batch.completed", 4)]
+
+
+# -- the prune notice --------------------------------------------------------------------------------
+
+
+def test_a_prune_notice_takes_the_next_sequence_and_names_it() -> None:
+    run = Run()
+    run.poll(make_snapshot("completed", **TIMES), NOW)
+    known, change = pruned(run.knowledge, NOW + 60.7)
+    assert run.knowledge.sequence == 4  # validating, in_progress, finalizing, completed
+    assert change == Change("batch.pruned", "completed", "completed", 5, NOW + 60, discriminator="5")
+    assert not change.is_status
+    assert known.sequence == run.knowledge.sequence + 1
+    again, second = pruned(known, NOW + 120)
+    assert second.discriminator != change.discriminator  # a re-tracked batch pruned again gets a new notice
+    assert again.sequence == known.sequence + 1
+
+
+def test_a_prune_notice_of_a_batch_never_seen() -> None:
+    known, change = pruned(Knowledge(), NOW)
+    assert (change.status, change.previous_status, change.sequence) == ("validating", None, 1)
+    assert known.sequence == 1

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,20 +22,21 @@ import openai
 import pytest
 import standardwebhooks
 from aiohttp import web
+from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 import poller
-from poller import alerts, signing
+from poller import signing
 from poller.config import WebhookSinkConfig
-from poller.delivery import DeliveryWorker
+from poller.delivery.worker import DeliveryWorker
+from poller.domain.events import Event, cloudevent, encode
 from poller.errors import ConfigError, DeliveryError
-from poller.events import cloudevent, encode, make_event
 from poller.metrics import Metrics
-from poller.models import Event
-from poller.records import NewEvent, TrackedBatch
+from poller.sinks import alerts
 from poller.sinks.webhook import WebhookSink, classify
-from poller.store import Store
-from tests.helpers import make_batch
+from poller.store import open_store
+from poller.store.base import NewEvent, Store, TrackedBatch, Write
+from tests.helpers import make_batch, make_event
 
 
 def new_secret() -> str:
@@ -150,25 +152,25 @@ def sink(url: str, **kwargs: Any) -> WebhookSink:
     return WebhookSink("hook", config(url, **kwargs), environ=ENV)
 
 
-def enqueue(store: Store, sink_name: str, events: list[Event]) -> None:
+async def enqueue(store: Store, sink_name: str, events: list[Event]) -> None:
     now = time.time()
     by_batch: dict[str, list[Event]] = {}
     for ev in events:
         by_batch.setdefault(ev.batch_id, []).append(ev)
-    updates = []
+    writes = []
     for batch_id, evs in by_batch.items():
-        store.track(SOURCE, [batch_id], "test", now)
+        await store.track(SOURCE, [batch_id], "test", now)
         rows = [
             NewEvent(ev.id, ev.type, ev.data.sequence, ev.created_at, ev.data.detected_at, encode(ev), [sink_name])
             for ev in evs
         ]
-        updates.append((TrackedBatch(SOURCE, batch_id, "test", now), rows))
-    store.save(updates, now)
+        writes.append(Write(TrackedBatch(SOURCE, batch_id, "test", now), rows))
+    await store.record(writes, now)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(tmp_path / "state.db") as s:
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with open_store(tmp_path / "state.db") as s:
         yield s
 
 
@@ -184,16 +186,24 @@ class Running:
         await asyncio.wait_for(self.task, 5.0)
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not await _value(predicate()):
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
 
 
-def states(store: Store) -> dict[str, str]:
-    rows = store.deliveries("hook", states=("pending", "dead", "delivered"))
+async def _value(result: bool | Awaitable[bool]) -> bool:
+    return await result if inspect.isawaitable(result) else bool(result)
+
+
+async def states(store: Store) -> dict[str, str]:
+    rows = await store.deliveries("hook", states=("pending", "dead", "delivered"))
     return {row.event_id: row.state for row in rows}
+
+
+async def states_are(store: Store, expected: dict[str, str]) -> bool:
+    return await states(store) == expected
 
 
 # -- verification as consumers do it ----------------------------------------------------------------
@@ -265,7 +275,7 @@ def test_sink_reports_a_malformed_secret_as_config_error() -> None:
 
 
 def test_configured_headers_may_not_replace_the_signature_headers() -> None:
-    with pytest.raises(ConfigError, match=r"(?i)webhook-signature"):
+    with pytest.raises(ValidationError, match=r"(?i)webhook-signature"):
         sink("http://127.0.0.1:9/x", headers={"Webhook-Signature": "v1,forged"})
 
 
@@ -428,10 +438,10 @@ async def test_send_after_410_does_not_call_again(endpoint: Endpoint) -> None:
 async def test_500_twice_then_delivered_with_the_same_webhook_id(endpoint: Endpoint, store: Store) -> None:
     endpoint.script = [500, 500]
     ev = make("batch_1", "batch.completed", 3)
-    enqueue(store, "hook", [ev])
+    await enqueue(store, "hook", [ev])
     async with sink(endpoint.url) as webhook:
         running = Running(store, webhook)
-        await until(lambda: states(store) == {ev.id: "delivered"})
+        await until(lambda: states_are(store, {ev.id: "delivered"}))
         await running.stop()
         assert webhook.health() == "ok"
     assert len(endpoint.requests) == 3
@@ -448,10 +458,10 @@ async def test_429_retry_after_is_a_floor_for_the_next_attempt(endpoint: Endpoin
 
     endpoint.script = [slow_down]
     ev = make("batch_1", "batch.completed", 3)
-    enqueue(store, "hook", [ev])
+    await enqueue(store, "hook", [ev])
     async with sink(endpoint.url) as webhook:
         running = Running(store, webhook)
-        await until(lambda: states(store) == {ev.id: "delivered"})
+        await until(lambda: states_are(store, {ev.id: "delivered"}))
         await running.stop()
     first, second = endpoint.requests
     assert second.arrived - first.arrived >= 2.0  # the schedule alone would have retried after 0.05 s
@@ -460,33 +470,33 @@ async def test_429_retry_after_is_a_floor_for_the_next_attempt(endpoint: Endpoin
 async def test_410_disables_the_sink_and_stops_attempts(endpoint: Endpoint, store: Store) -> None:
     endpoint.default = 410
     one, two = make("batch_1", "batch.completed", 3), make("batch_2", "batch.completed", 3)
-    enqueue(store, "hook", [one])
+    await enqueue(store, "hook", [one])
     async with sink(endpoint.url) as webhook:
         running = Running(store, webhook)
         await until(lambda: running.worker.disabled)
-        enqueue(store, "hook", [two])
+        await enqueue(store, "hook", [two])
         running.worker.wake()
         await asyncio.sleep(0.5)
         await running.stop()
         assert webhook.health() == "disabled"
     assert len(endpoint.requests) == 1
-    assert states(store) == {one.id: "pending", two.id: "pending"}  # kept for when someone re-enables it
+    assert await states(store) == {one.id: "pending", two.id: "pending"}  # kept for when someone re-enables it
 
 
 async def test_400_dead_letters_then_redelivers_once_accepted(endpoint: Endpoint, store: Store) -> None:
     endpoint.script = [400]
     ev = make("batch_1", "batch.completed", 3)
-    enqueue(store, "hook", [ev])
+    await enqueue(store, "hook", [ev])
     async with sink(endpoint.url) as webhook:
         running = Running(store, webhook)
-        await until(lambda: states(store) == {ev.id: "dead"})
-        [dead] = store.deliveries("hook", states=("dead",))
+        await until(lambda: states_are(store, {ev.id: "dead"}))
+        [dead] = await store.deliveries("hook", states=("dead",))
         assert dead.last_error is not None
         assert "HTTP 400" in dead.last_error
         assert len(endpoint.requests) == 1
-        assert store.redeliver("hook", None, time.time()) == 1
+        assert await store.redeliver("hook", None, time.time()) == 1
         running.worker.wake()
-        await until(lambda: states(store) == {ev.id: "delivered"})
+        await until(lambda: states_are(store, {ev.id: "delivered"}))
         await running.stop()
     assert len(endpoint.requests) == 2
     verify(endpoint.requests[1], SECRET_NEW)
@@ -495,10 +505,10 @@ async def test_400_dead_letters_then_redelivers_once_accepted(endpoint: Endpoint
 async def test_an_endpoint_that_never_answers_is_abandoned_at_the_timeout(endpoint: Endpoint, store: Store) -> None:
     endpoint.script = [endpoint.hang]
     ev = make("batch_1", "batch.completed", 3)
-    enqueue(store, "hook", [ev])
+    await enqueue(store, "hook", [ev])
     async with sink(endpoint.url, timeout=0.3) as webhook:
         running = Running(store, webhook)
-        await until(lambda: states(store) == {ev.id: "delivered"})
+        await until(lambda: states_are(store, {ev.id: "delivered"}))
         await running.stop()
     first, second = endpoint.requests
     assert first.answered is None  # still hanging when the retry arrived
@@ -528,11 +538,16 @@ async def test_one_batch_stays_in_order_while_another_proceeds(endpoint: Endpoin
     endpoint.default = slow_first_status
     slow = [make("batch_slow", "batch.in_progress", 1), make("batch_slow", "batch.completed", 2)]
     fast = [make("batch_fast", "batch.in_progress", 1)]
-    enqueue(store, "hook", slow)
-    enqueue(store, "hook", fast)
+    await enqueue(store, "hook", slow)
+    await enqueue(store, "hook", fast)
     async with sink(endpoint.url, max_concurrency=4) as webhook:
         running = Running(store, webhook)
-        await until(lambda: set(states(store).values()) == {"delivered"} and len(states(store)) == 3)
+
+        async def all_three_delivered() -> bool:
+            got = await states(store)
+            return set(got.values()) == {"delivered"} and len(got) == 3
+
+        await until(all_three_delivered)
         await running.stop()
     seen = [(r.json["data"]["id"], r.json["type"], r) for r in endpoint.requests]
     slow_seen = [(t, r) for b, t, r in seen if b == "batch_slow"]
@@ -555,17 +570,17 @@ async def test_no_secret_reaches_logs_or_errors(endpoint: Endpoint, store: Store
 
     endpoint.default = echo_everything
     ev = make("batch_1", "batch.failed", 2, previous="validating")
-    enqueue(store, "hook", [ev])
+    await enqueue(store, "hook", [ev])
     cfg = {"format": "pagerduty", "routing_key_env": "PD_KEY"}
     with capture_logs() as logs:
         async with sink(endpoint.url, **cfg) as webhook:
             with pytest.raises(DeliveryError) as info:
                 await webhook.send(ev, encode(ev))
             running = Running(store, webhook)
-            await until(lambda: states(store) == {ev.id: "dead"})
+            await until(lambda: states_are(store, {ev.id: "dead"}))
             await running.stop()
     assert logs, "the dead letter is logged"
-    texts = [str(info.value), repr(logs), *(d.last_error or "" for d in store.deliveries("hook"))]
+    texts = [str(info.value), repr(logs), *(d.last_error or "" for d in await store.deliveries("hook"))]
     for text in texts:
         for secret in (SECRET_NEW, SECRET_OLD, ROUTING_KEY, SECRET_NEW.removeprefix("whsec_")):
             assert secret not in text

@@ -7,12 +7,24 @@ import asyncio
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 
+from poller.sim.anthropic import AnthropicSim
 from poller.sim.base import DEFAULT_KEY, SimApi, serve_forever
 from poller.sim.clock import SimClock
+from poller.sim.gemini import GeminiSim
+from poller.sim.mistral import MistralSim
 from poller.sim.openai import OpenAISim
+from poller.sim.openrouter import OpenRouterSim
+from poller.sim.together import TogetherSim
 
 #: Simulators by provider name; each takes clock, seed and api_keys.
-SIMULATORS: dict[str, Callable[..., SimApi]] = {"openai": OpenAISim}
+SIMULATORS: dict[str, Callable[..., SimApi]] = {
+    "openai": OpenAISim,
+    "mistral": MistralSim,
+    "together": TogetherSim,
+    "openrouter": OpenRouterSim,
+    "anthropic": AnthropicSim,
+    "gemini": GeminiSim,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import random
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -386,7 +387,12 @@ async def serve(sim: SimApi, host: str = "127.0.0.1", port: int = 0) -> AsyncIte
 
 
 async def serve_forever(sim: SimApi, host: str, port: int, ready: Callable[[str], None]) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     async with serve(sim, host, port) as url:
         ready(url)
         with suppress(asyncio.CancelledError):
-            await asyncio.Event().wait()
+            await stop.wait()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
-from poller.models import Event
+from poller.domain.events import Event
 
 
 class Sink(Protocol):

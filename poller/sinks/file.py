@@ -10,8 +10,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from poller.domain.events import Event
 from poller.errors import DeliveryError
-from poller.models import Event
 
 
 class FileSink:

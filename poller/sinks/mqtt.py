@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 import math
 import random
 import socket
@@ -26,20 +25,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
-from urllib.parse import urlsplit
 
 import aiomqtt
 import structlog
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from poller.config import MqttSinkConfig, read_secret
+from poller.domain.events import CLOUDEVENTS_CONTENT_TYPE, Event, encode_cloudevent
+from poller.domain.schedule import Rand, full_jitter
 from poller.errors import ConfigError, DeliveryError
-from poller.events import CLOUDEVENTS_CONTENT_TYPE, encode_cloudevent
-from poller.models import Event
-from poller.schedule import Rand, full_jitter
+from poller.sinks.mqtt_payload import describe, level, state_payload
 
 log = structlog.get_logger("poller.sinks.mqtt")
 
@@ -103,32 +100,11 @@ class MqttSink:
         self._rand = rand
         self._templates: dict[tuple[str, float | None], Properties] = {}
         self._key = f"sinks.{name}"
-        url = urlsplit(config.url)
-        if url.username is not None or url.password is not None:
-            raise ConfigError(
-                f"{self._key}.url",
-                "credentials in the URL are not accepted",
-                "put the user in `username` and the password in `password_env` or `password_file`",
-            )
-        try:
-            port = url.port
-        except ValueError:
-            raise ConfigError(
-                f"{self._key}.url", "the port is not a number from 0 to 65535", "mqtt://host:1883", config.url
-            ) from None
-        if not url.hostname:
-            raise ConfigError(f"{self._key}.url", "no host", "mqtt://host:1883 or mqtts://host:8883", config.url)
-        self.host: str = url.hostname
-        self.tls = url.scheme == "mqtts"
-        self.port: int = port if port is not None else (8883 if self.tls else 1883)
+        # The URL, its TLS options and the password pair were validated with the config.
+        self.host: str = config.host
+        self.tls = config.tls
+        self.port: int = config.port
         self._tls_context = self._make_tls_context() if self.tls else None
-        if not self.tls and (config.ca_file or config.cert_file or config.tls_insecure):
-            raise ConfigError(
-                f"{self._key}.url",
-                "TLS options are set but the URL is plain mqtt://",
-                "use an mqtts:// URL, or remove ca_file, cert_file, key_file and tls_insecure",
-                config.url,
-            )
         self._password: str | None = None
         if config.password_env or config.password_file:
             self._password = read_secret(f"{self._key}.password", config.password_env, config.password_file, environ)
@@ -272,7 +248,7 @@ class MqttSink:
     def _on_failure(self, exc: Exception) -> None:
         """Log an outage when it starts (and when its reason changes), not every failed attempt."""
         self._attempts += 1
-        reason, code = _describe(exc)
+        reason, code = describe(exc)
         fields: dict[str, Any] = {
             "sink": self.name,
             "broker": f"{self.host}:{self.port}",
@@ -312,7 +288,7 @@ class MqttSink:
             raise DeliveryError(self.name, "connection lost before the broker acknowledged", retryable=True)
         error = publishing.exception()
         if isinstance(error, aiomqtt.MqttError):
-            reason, code = _describe(error)
+            reason, code = describe(error)
             raise DeliveryError(self.name, f"publish failed: {reason}", retryable=True, status=code) from error
         if error is not None:
             raise error
@@ -347,9 +323,9 @@ class MqttSink:
 
     def topics(self, event: Event) -> tuple[str, str]:
         """The (event, state) topics of an event; raises a non-retryable DeliveryError for unsafe names."""
-        source = _level(self.name, "source", event.data.source)
-        batch = _level(self.name, "batch id", event.batch_id)
-        kind = _level(self.name, "event type", event.type)
+        source = level(self.name, "source", event.data.source)
+        batch = level(self.name, "batch id", event.batch_id)
+        kind = level(self.name, "event type", event.type)
         base = f"{self.config.topic_prefix}/{source}/{batch}"
         event_topic = f"{base}/event/{kind}"
         if len(event_topic.encode()) > _MAX_TOPIC_BYTES:
@@ -392,50 +368,3 @@ class MqttSink:
         props = copy.copy(template)
         props.UserProperty = [("event_id", event.id), ("event_type", event.type), ("batch_id", event.batch_id)]
         return props
-
-
-def state_payload(event: Event) -> bytes:
-    """The retained state document of a batch after `event` (the same for both formats)."""
-    data = event.data
-    state = {
-        "batch_id": data.id,
-        "source": data.source,
-        "status": data.status,
-        "previous_status": data.previous_status,
-        "request_counts": data.batch.get("request_counts"),
-        "updated_at": event.created_at,
-        "detected_at": data.detected_at,
-        "sequence": data.sequence,
-        "event_id": event.id,
-        "type": event.type,
-        "batch": data.batch,
-    }
-    return json.dumps(state, separators=(",", ":")).encode()
-
-
-def _level(sink: str, what: str, value: str) -> str:
-    """`value` as one topic level, unchanged; escaping would make two names share a topic, so reject."""
-    if not value or any(c in "/+#" or not c.isprintable() for c in value):
-        raise DeliveryError(
-            sink,
-            f"{what} {value!r} cannot be an MQTT topic level: it must be non-empty, without '/', '+', '#' "
-            "or control characters",
-            retryable=False,
-        )
-    return value
-
-
-def _describe(exc: BaseException) -> tuple[str, int | None]:
-    """A readable reason and the MQTT/paho code, looking through aiomqtt's wrapping."""
-    parts: list[str] = []
-    code: int | None = None
-    seen: BaseException | None = exc
-    while seen is not None and len(parts) < 3:
-        if isinstance(seen, aiomqtt.MqttCodeError) and code is None:
-            rc = seen.rc
-            code = rc.value if isinstance(rc, ReasonCode) else rc
-        text = str(seen) or type(seen).__name__
-        if text not in parts:
-            parts.append(text)
-        seen = seen.__cause__
-    return ": ".join(parts), code

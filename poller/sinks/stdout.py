@@ -8,15 +8,15 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import IO, Self
 
+from poller.domain.events import Event
 from poller.errors import DeliveryError
-from poller.models import Event
 
 
 def text_line(event: Event) -> str:
-    """A readable one-line rendering: time, batch, transition, request counts."""
+    """A readable one-line rendering: time, source, batch, transition, normalized request counts."""
     data = event.data
     when = time.strftime("%H:%M:%S", time.localtime(data.detected_at))
-    counts = data.batch.get("request_counts") or {}
+    counts = data.request_counts or {}
     progress = f"{counts.get('completed', 0)}/{counts.get('total', 0)} done" if counts.get("total") else ""
     if counts.get("failed"):
         progress += f", {counts['failed']} failed"
@@ -26,7 +26,12 @@ def text_line(event: Event) -> str:
         arrow = f"{data.previous_status} → {data.status}"
     else:
         arrow = data.status
-    return f"{when}  {data.id:<32} {event.type:<22} {arrow:<26} {progress}".rstrip()
+    batch = _printable(data.id)  # ids come from the provider: no control characters reach a terminal
+    return f"{when}  {data.source:<9} {batch:<40} {event.type:<17} {arrow:<26} {progress}".rstrip()
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 class StdoutSink:

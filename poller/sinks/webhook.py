@@ -20,12 +20,12 @@ import structlog
 from multidict import CIMultiDict
 
 import poller
-from poller import alerts, signing
+from poller import signing
 from poller.config import WebhookSinkConfig, read_secret, webhook_secrets
-from poller.errors import ConfigError, DeliveryError
-from poller.events import CLOUDEVENTS_CONTENT_TYPE, encode_cloudevent
-from poller.models import Event
-from poller.schedule import parse_retry_after
+from poller.domain.events import CLOUDEVENTS_CONTENT_TYPE, Event, encode_cloudevent
+from poller.domain.schedule import parse_retry_after
+from poller.errors import DeliveryError
+from poller.sinks import alerts
 
 log = structlog.get_logger("poller.sinks.webhook")
 
@@ -35,10 +35,6 @@ MAX_RESPONSE_BYTES: Final = 64 * 1024
 EXCERPT_CHARS: Final = 200
 #: A receiver's Retry-After is honoured up to this many seconds.
 MAX_RETRY_AFTER: Final = 86400.0
-#: Headers batch-poller sets itself; a configured header may not replace them.
-RESERVED_HEADERS: Final = frozenset(
-    {signing.ID_HEADER, signing.TIMESTAMP_HEADER, signing.SIGNATURE_HEADER, "content-type", "content-length", "host"}
-)
 JSON_CONTENT_TYPE: Final = "application/json"
 
 
@@ -83,22 +79,10 @@ class WebhookSink:
         self._clock = clock
         key = f"sinks.{name}"
         self._secrets = webhook_secrets(config, key, environ)
-        for secret in self._secrets:
-            try:
-                signing.secret_key(secret)
-            except ValueError as exc:
-                raise ConfigError(f"{key}.secret", str(exc), "use the whsec_… value exactly as issued") from None
         self._routing_key: str | None = None
         if config.routing_key_env is not None or config.routing_key_file is not None:
             self._routing_key = read_secret(
                 f"{key}.routing_key", config.routing_key_env, config.routing_key_file, environ
-            )
-        reserved = sorted(h for h in config.headers if h.lower() in RESERVED_HEADERS)
-        if reserved:
-            raise ConfigError(
-                f"{key}.headers",
-                f"{', '.join(reserved)} is set by batch-poller itself",
-                "remove it from headers",
             )
         self._base_headers = CIMultiDict({"User-Agent": f"batch-poller/{poller.__version__}"})
         self._base_headers.update(config.headers)

@@ -1,0 +1,94 @@
+"""How the CLI prints batches and status: columns sized to their content, bars for progress."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from poller.store.base import ACTIVE, Delivery, TrackedBatch
+
+
+def bar(done: int, total: int, width: int = 12) -> str:
+    if total <= 0:
+        return " " * (width + 2) + "    -"
+    filled = min(round(width * done / total), width)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {min(100 * done // total, 100):>3}%"
+
+
+def ago(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def list_record(b: TrackedBatch) -> dict[str, Any]:
+    counts = b.knowledge.counts
+    return {
+        "id": b.id,
+        "source": b.source,
+        "state": b.state,
+        "status": b.knowledge.status,
+        "request_counts": None if counts is None else counts.as_dict(),
+        "created_at": b.created_at,
+        "next_due": b.next_due if b.state == ACTIVE else None,
+        "origin": b.origin,
+    }
+
+
+def print_list(batches: list[TrackedBatch], now: float, out: TextIO, *, as_json: bool) -> None:
+    if as_json:
+        for b in batches:
+            print(json.dumps(list_record(b), separators=(",", ":")), file=out)
+        return
+    if not batches:
+        print("(no batches tracked)", file=out)
+        return
+    rows = []
+    for b in batches:
+        counts = b.knowledge.counts
+        status = "gone (404)" if b.state == "gone" else (b.knowledge.status or "(pending)")
+        age = ago(now - b.created_at) if b.created_at else "-"
+        due = "-" if b.state != ACTIVE else ("now" if b.next_due <= now else "in " + ago(b.next_due - now))
+        progress = bar(counts.completed + counts.failed, counts.total) if counts is not None else bar(0, 0)
+        rows.append((b.id, b.source, status, progress, age, due, b.origin))
+    print_table(("ID", "SOURCE", "STATUS", "PROGRESS", "AGE", "NEXT POLL", "TRACKED"), rows, out, right={4, 5})
+
+
+def print_table(
+    header: tuple[str, ...], rows: Sequence[tuple[str, ...]], out: TextIO, *, right: set[int] | None = None
+) -> None:
+    """Columns as wide as their widest cell (ids of any length line up), `right` ones right-aligned."""
+    right = right or set()
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)]
+        print("  ".join(cells).rstrip(), file=out)
+
+
+def print_deliveries(deliveries: list[Delivery], out: TextIO) -> None:
+    if not deliveries:
+        print("no pending or dead deliveries", file=out)
+        return
+    rows = [
+        (d.sink, d.state, d.batch_id, d.type, f"#{d.sequence}", str(d.attempts), d.last_error or "") for d in deliveries
+    ]
+    print_table(("SINK", "STATE", "BATCH", "EVENT", "SEQ", "TRIES", "LAST ERROR"), rows, out, right={4, 5})
+
+
+def print_status(report: dict[str, Any], out: TextIO) -> None:
+    line = f" ({report['status_line']})" if report.get("status_line") else ""
+    print(f"daemon:  {report['daemon']}{line}", file=out)
+    if "ready" in report:
+        reasons = "; ".join(report.get("reasons") or [])
+        print(f"ready:   {'yes' if report['ready'] else 'NO: ' + reasons}", file=out)
+    tracked = report.get("tracked") or {}
+    print("tracked: " + (", ".join(f"{n} {s}" for s, n in sorted(tracked.items())) or "none"), file=out)
+    for name, source in (report.get("sources") or {}).items():
+        counts = ", ".join(f"{n} {s}" for s, n in sorted((source.get("tracked") or {}).items())) or "none"
+        print(f"source {name} ({source.get('provider', '?')}): {source.get('health', '?')}; {counts}", file=out)
+    for name, sink in (report.get("sinks") or {}).items():
+        health = sink.get("health", "?")
+        print(f"sink {name}: {health}, {sink.get('pending', 0)} pending, {sink.get('dead', 0)} dead", file=out)

@@ -1,0 +1,23 @@
+"""Which sinks take an event: each sink's filters (types, sources, metadata) and, for internal events,
+whether its kind keeps per-batch state they must reach."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from poller.config.sinks import SinkConfig
+from poller.domain.events import INTERNAL_TYPES
+from poller.sinks.registry import sink_kind
+
+
+class Routes:
+    """The routing table of a set of sinks; call it with (type, metadata, source)."""
+
+    def __init__(self, sinks: Mapping[str, SinkConfig]) -> None:
+        self._sinks = [(name, cfg, sink_kind(cfg.kind).keeps_state) for name, cfg in sinks.items()]
+
+    def __call__(self, event_type: str, metadata: Mapping[str, str] | None, source: str) -> list[str]:
+        meta = dict(metadata or {})
+        if event_type in INTERNAL_TYPES:
+            return [n for n, cfg, keeps in self._sinks if keeps and (not cfg.sources or source in cfg.sources)]
+        return [n for n, cfg, _ in self._sinks if cfg.wants(event_type, meta, source)]

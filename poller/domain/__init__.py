@@ -1,0 +1,1 @@
+"""Pure logic: the common lifecycle, snapshots, events, transition detection and scheduling (no I/O)."""

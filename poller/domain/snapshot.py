@@ -1,0 +1,145 @@
+"""A batch as one provider showed it at one moment, normalized onto the common lifecycle.
+
+Adapters build snapshots; detection compares them. A snapshot that exists is valid: out-of-range
+values (negative or absurd timestamps, negative counts, more finished requests than requests) and
+bodies no event could carry (nested too deeply, text that is not Unicode) are refused at construction
+with `InvalidSnapshotError`, so they never become events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from poller.domain.lifecycle import RANK, Status
+
+#: Timestamps outside [2015-01-01, 2100-01-01) are not times any Batch API means.
+EARLIEST: Final = 1_420_070_400
+LATEST: Final = 4_102_444_800
+#: Counts beyond this are not request counts (and would not fit a 64-bit column anyway).
+MAX_COUNT: Final = 10**12
+#: Batch objects are a few levels deep. An event nests the body further down, and the JSON encoders
+#: give up near 255 levels, so a deeper body could be detected but never recorded.
+MAX_DEPTH: Final = 64
+
+
+class InvalidSnapshotError(ValueError):
+    """A batch body whose values cannot be true; `field` names the offending field."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        self.field = field_name
+        super().__init__(f"{field_name}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Requests of a batch in one normalized shape: total, completed (succeeded) and failed."""
+
+    total: int
+    completed: int
+    failed: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"total": self.total, "completed": self.completed, "failed": self.failed}
+
+    @property
+    def finished(self) -> int:
+        return self.completed + self.failed
+
+
+def check_time(name: str, value: object, *, optional: bool = True) -> int | None:
+    """An epoch-seconds field, or InvalidSnapshotError when it is not a plausible time."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSnapshotError(name, f"expected epoch seconds, got {type(value).__name__}")
+    if not EARLIEST <= value < LATEST:
+        raise InvalidSnapshotError(name, f"{value} is not a plausible time")
+    return value
+
+
+def check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSnapshotError(name, f"expected an integer, got {type(value).__name__}")
+    if not 0 <= value <= MAX_COUNT:
+        raise InvalidSnapshotError(name, f"{value} is not a request count")
+    return value
+
+
+def make_counts(total: object, completed: object, failed: object, prefix: str = "request_counts") -> Counts:
+    """Checked counts: each a non-negative integer, completed + failed at most total."""
+    counts = Counts(
+        check_count(f"{prefix}.total", total),
+        check_count(f"{prefix}.completed", completed),
+        check_count(f"{prefix}.failed", failed),
+    )
+    if counts.finished > counts.total:
+        raise InvalidSnapshotError(prefix, "completed + failed exceeds total")
+    return counts
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise InvalidSnapshotError("raw", "text that is not Unicode (a lone surrogate)") from None
+
+
+def check_raw(raw: Mapping[str, Any]) -> None:
+    """A provider's body an event can carry: at most MAX_DEPTH levels deep, text keys, valid Unicode."""
+    stack: list[tuple[object, int]] = [(raw, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, Mapping | list):
+            if depth > MAX_DEPTH:
+                raise InvalidSnapshotError("raw", f"nested deeper than {MAX_DEPTH} levels")
+            if isinstance(value, list):
+                stack.extend((v, depth + 1) for v in value)
+                continue
+            for key, v in value.items():
+                if not isinstance(key, str):
+                    raise InvalidSnapshotError("raw", "a key is not text")
+                _check_text(key)
+                stack.append((v, depth + 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One batch at one poll.
+
+    `status` is the common status, None when the provider's own status (`provider_status`) maps onto
+    none (detection then counts it and emits nothing). `entered` holds, for each status the provider
+    stamps, when the batch entered it (epoch seconds). `raw` is the provider's object, unchanged.
+    """
+
+    id: str
+    status: Status | None
+    provider_status: str
+    created_at: int
+    raw: Mapping[str, Any] = field(repr=False)
+    entered: Mapping[str, int] = field(default_factory=dict)
+    counts: Counts | None = None
+    expires_at: int | None = None
+    metadata: Mapping[str, str] | None = None
+    #: What kind of work the batch does, where the provider says (OpenAI's endpoint); discovery filters on it.
+    endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.id or not isinstance(self.id, str):
+            raise InvalidSnapshotError("id", "missing")
+        check_time("created_at", self.created_at, optional=False)
+        check_time("expires_at", self.expires_at)
+        if self.counts is not None:  # adapters may build Counts directly
+            make_counts(self.counts.total, self.counts.completed, self.counts.failed)
+        for status, when in self.entered.items():
+            if status not in RANK:
+                raise InvalidSnapshotError("entered", f"{status!r} is not a lifecycle status")
+            check_time(f"{status}_at", when, optional=False)
+        check_raw(self.raw)
+
+    def entered_at(self, status: str) -> int | None:
+        return self.entered.get(status)

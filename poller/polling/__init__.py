@@ -1,0 +1,1 @@
+"""Polling one source: its tracker, refresh, discovery, health and the recorder of its events."""

@@ -1,0 +1,137 @@
+"""The OpenAI Batch API adapter, and Azure OpenAI's (the same API with another key header and an
+`api-version`). Also serves the compatible servers: Groq, the LiteLLM proxy, Llama Stack.
+
+OpenAI's statuses are the common lifecycle itself; each status's `{status}_at` stamp says when it was
+entered (`created_at` for validating). List pages run newest first with an `after` id cursor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+from pydantic import ValidationError
+
+from poller.config.sources import AzureSourceConfig, OpenAISourceConfig
+from poller.domain.lifecycle import STATUSES, is_status
+from poller.domain.schedule import Pacer
+from poller.domain.snapshot import InvalidSnapshotError, Snapshot, make_counts
+from poller.metrics import SourceMetrics
+from poller.providers._http import Endpoint, HttpProvider, excerpt
+from poller.providers.base import Capabilities, Page
+from poller.providers.openai_types import Batch
+
+#: The most batches one `GET /batches` page returns (the API's `limit` maximum).
+PAGE_SIZE = 100
+_STAMPED = tuple(s for s in STATUSES if s != "validating")
+#: Integer fields pydantic would also take from a JSON string or boolean ("17", true): not numbers we trust.
+_INTEGERS = ("created_at", "expires_at", *(f"{s}_at" for s in _STAMPED))
+_COUNTS = ("total", "completed", "failed")
+
+
+def _loose_integer(raw: Mapping[str, Any]) -> InvalidSnapshotError | None:
+    rc = raw.get("request_counts")
+    fields = [(name, raw.get(name)) for name in _INTEGERS]
+    if isinstance(rc, Mapping):
+        fields += [(f"request_counts.{name}", rc.get(name)) for name in _COUNTS]
+    for name, value in fields:
+        if isinstance(value, bool | str):
+            return InvalidSnapshotError(name, f"expected an integer, got {type(value).__name__}")
+    return None
+
+
+class OpenAIProvider(HttpProvider):
+    name: ClassVar[str] = "openai"
+    capabilities: ClassVar[Capabilities] = Capabilities(paging="cursor", page_size=PAGE_SIZE, newest_first=True)
+
+    def __init__(
+        self,
+        config: OpenAISourceConfig | AzureSourceConfig,
+        api_key: str,
+        *,
+        metrics: SourceMetrics,
+        pacer: Pacer,
+        max_concurrency: int = 8,
+    ) -> None:
+        super().__init__(
+            self._endpoint_for(config, api_key), metrics=metrics, pacer=pacer, max_concurrency=max_concurrency
+        )
+
+    @staticmethod
+    def _endpoint_for(config: OpenAISourceConfig | AzureSourceConfig, api_key: str) -> Endpoint:
+        headers = {"Authorization": f"Bearer {api_key}"}
+        if isinstance(config, OpenAISourceConfig):
+            if config.organization:
+                headers["OpenAI-Organization"] = config.organization
+            if config.project:
+                headers["OpenAI-Project"] = config.project
+        return Endpoint(config.base_url, headers, config.timeout)
+
+    async def retrieve(self, batch_id: str) -> Snapshot:
+        body = await self.request("retrieve", "GET", f"/batches/{quote(batch_id, safe='')}")
+        return self.snapshot(body, "retrieve", batch_id)
+
+    async def cancel(self, batch_id: str) -> Snapshot:
+        body = await self.request("cancel", "POST", f"/batches/{quote(batch_id, safe='')}/cancel")
+        return self.snapshot(body, "cancel", batch_id)
+
+    async def list_page(self, cursor: str | None) -> Page:
+        query = {"limit": str(PAGE_SIZE)}
+        if cursor:
+            query["after"] = cursor
+        body = await self.request("list", "GET", "/batches", query)
+        if not isinstance(body, dict):
+            raise self._bad("list answer is not a JSON object", "list_shape")
+        items = body.get("data")
+        page = self.page(items, None)
+        if body.get("has_more") is True and isinstance(items, list) and items:
+            last = body.get("last_id") or (items[-1].get("id") if isinstance(items[-1], dict) else None)
+            if isinstance(last, str) and last:
+                return Page(page.snapshots, last, page.rejected)
+        return page
+
+    def normalize(self, raw: Mapping[str, Any]) -> Snapshot:
+        try:
+            batch = Batch.model_validate(raw)
+        except ValidationError as exc:
+            fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors()[:3])
+            raise self._bad(f"answer is not a batch (bad fields: {excerpt(fields, 120)})", "batch_shape") from None
+        except RecursionError:
+            raise self._bad("answer is nested too deeply to be a batch", "batch_shape") from None
+        if (loose := _loose_integer(raw)) is not None:
+            raise self.invalid(loose)
+        entered: dict[str, int] = {"validating": batch.created_at}
+        for status in _STAMPED:
+            when = getattr(batch, f"{status}_at", None)
+            if when is not None:
+                entered[status] = when
+        rc = batch.request_counts
+        try:
+            return Snapshot(
+                id=batch.id,
+                status=batch.status if is_status(batch.status) else None,  # type: ignore[arg-type]
+                provider_status=batch.status,
+                created_at=batch.created_at,
+                raw=raw,
+                entered=entered,
+                counts=None if rc is None else make_counts(rc.total, rc.completed, rc.failed),
+                expires_at=batch.expires_at,
+                metadata=batch.metadata,
+                endpoint=batch.endpoint,
+            )
+        except InvalidSnapshotError as exc:
+            raise self.invalid(exc) from None
+
+
+class AzureProvider(OpenAIProvider):
+    """Azure OpenAI: the key in `api-key`, and `api-version` on every request of the classic API."""
+
+    name: ClassVar[str] = "azure"
+
+    @staticmethod
+    def _endpoint_for(config: OpenAISourceConfig | AzureSourceConfig, api_key: str) -> Endpoint:
+        params = (
+            {"api-version": config.api_version} if isinstance(config, AzureSourceConfig) and config.api_version else {}
+        )
+        return Endpoint(config.base_url, {"api-key": api_key}, config.timeout, params)

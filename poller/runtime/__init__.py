@@ -1,0 +1,1 @@
+"""The running daemon: wiring and supervision (`daemon`), its sinks (`sinkset`), systemd (`notify`)."""

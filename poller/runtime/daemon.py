@@ -1,0 +1,301 @@
+"""The composition root: opens the store, the sinks and their delivery workers, one runner per source
+and the HTTP service, then supervises them until told to stop.
+
+The daemon owns no signals: the `run` command installs handlers that call `stop` and
+`request_reload`, so the daemon can be embedded (as arq's worker with `handle_signals=False`).
+
+Where a transition becomes an event: `poller.polling.recorder.Recorder`. Where an event leaves the
+process: `poller.delivery.worker.DeliveryWorker` -> `Sink.send`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from poller.config import Config, SourceConfig
+from poller.delivery.routing import Routes
+from poller.errors import ConfigError
+from poller.metrics import Metrics
+from poller.polling.recorder import Recorder
+from poller.polling.runner import SourceRunner
+from poller.runtime.notify import Notifier, watchdog_loop
+from poller.runtime.reload import Reloader
+from poller.runtime.sinkset import SinkSet
+from poller.sinks.registry import build_sink
+from poller.store import open_store
+from poller.store.base import Recorded, Store
+
+if TYPE_CHECKING:
+    from poller.service.app import Service
+
+log = structlog.get_logger("poller.daemon")
+
+#: The housekeeping loop ticks this often (status line, reloads, liveness).
+TICK = 1.0
+#: This long without a housekeeping tick means the event loop is stuck.
+LOOP_STALL = 30.0
+
+
+class Daemon:
+    """One running batch-poller. `run` returns the process exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        environ: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.environ = dict(os.environ) if environ is None else environ
+        self.clock = clock
+        self.rand = rand
+        self.metrics = metrics or Metrics()
+        self.notifier = notifier if notifier is not None else Notifier.from_env(self.environ)
+        self.runners: dict[str, SourceRunner] = {}
+        self.exit_code = 0
+        self.ready = asyncio.Event()
+        self.service: Service | None = None
+        self._store: Store | None = None
+        self._sinks: SinkSet | None = None
+        self._recorder: Recorder | None = None
+        self._stop = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._reload_requested = False
+        self._last_status = ""
+        self.loop_tick = 0.0
+        self.store_open = False
+        self.reloader = Reloader(self)
+
+    # -- what others use -----------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "the daemon is not running"
+        return self._store
+
+    @property
+    def sinks(self) -> SinkSet:
+        assert self._sinks is not None, "the daemon is not running"
+        return self._sinks
+
+    @property
+    def recorder(self) -> Recorder:
+        assert self._recorder is not None, "the daemon is not running"
+        return self._recorder
+
+    def stop(self) -> None:
+        """Ask the daemon to shut down (what SIGTERM and SIGINT do)."""
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        """Re-read the config at the next tick (what SIGHUP does)."""
+        self._reload_requested = True
+
+    def runner(self, source: str | None) -> SourceRunner:
+        """The runner of `source`, or the only one when `source` is None; ConfigError when ambiguous."""
+        if source is None:
+            if len(self.runners) == 1:
+                return next(iter(self.runners.values()))
+            raise ConfigError("source", "more than one source is configured", f"name one of: {', '.join(self.runners)}")
+        try:
+            return self.runners[source]
+        except KeyError:
+            raise ConfigError(
+                "source", f"no source named {source!r}", f"name one of: {', '.join(self.runners)}"
+            ) from None
+
+    # -- running ---------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        try:
+            async with AsyncExitStack() as stack:
+                path = self.config.state.check_usable(self.environ)
+                self._store = await stack.enter_async_context(open_store(path))
+                self.store_open = True
+                self._sinks = SinkSet(
+                    self.store, self.metrics, on_crash=self._crashed, clock=self.clock, rand=self.rand
+                )
+                stack.push_async_callback(self._close_sinks)
+                for name, sink_config in self.config.named_sinks().items():
+                    await self.sinks.open(name, sink_config, build_sink(name, sink_config, self.environ))
+                self._recorder = Recorder(
+                    self.store, Routes(self.config.named_sinks()), self.metrics, on_recorded=self._recorded
+                )
+                for source_config in self.config.named_sources().values():
+                    self.add_runner(source_config)
+                if self.config.service.enabled:
+                    from poller.runtime.control import DaemonControl  # noqa: PLC0415 - imports this module
+                    from poller.service.app import Service  # noqa: PLC0415 - aiohttp.web loads only when serving
+
+                    self.service = await stack.enter_async_context(
+                        Service(DaemonControl(self), self.config.service, environ=self.environ)
+                    )
+                await self._serve()
+        finally:
+            self.notifier.close()
+        return self.exit_code
+
+    def add_runner(self, source_config: SourceConfig) -> SourceRunner:
+        runner = SourceRunner(
+            source_config,
+            self.config.poll,
+            store=self.store,
+            recorder=self.recorder,
+            metrics=self.metrics,
+            environ=self.environ,
+            clock=self.clock,
+            rand=self.rand,
+        )
+        self.runners[runner.name] = runner
+        if self._tasks:  # serving already: start it now
+            self._supervise(f"poller.source[{runner.name}]", runner.run())
+        return runner
+
+    async def remove_runner(self, name: str) -> None:
+        runner = self.runners.pop(name)
+        task = self._tasks.pop(f"poller.source[{name}]", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await runner.close()
+
+    def _recorded(self, recorded: Recorded) -> None:
+        del recorded
+        self.sinks.wake()
+
+    def _supervise(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks[name] = task
+        task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """A supervised task only ends when cancelled: anything else stops the daemon with exit 1."""
+        if task.cancelled() or self._stop.is_set():
+            return
+        error = task.exception()
+        log.error("a daemon task ended; shutting down", task=task.get_name(), exc_info=error)
+        self._crashed(error or RuntimeError(f"{task.get_name()} returned"))
+
+    def _crashed(self, error: BaseException) -> None:
+        del error
+        self.exit_code = 1  # so that systemd's Restart=on-failure brings it back
+        self.stop()
+
+    async def _serve(self) -> None:
+        self.sinks.start()
+        for name, runner in self.runners.items():
+            self._supervise(f"poller.source[{name}]", runner.run())
+        self._supervise("poller.changes", self._watch_changes())
+        self._supervise("poller.housekeeping", self._housekeeping())
+        watchdog = asyncio.create_task(watchdog_loop(self.notifier, lambda: self.liveness()[0]), name="poller.watchdog")
+        stop = asyncio.create_task(self._stop.wait(), name="poller.stop_wait")
+        loaded = asyncio.ensure_future(self._all_loaded())
+        await asyncio.wait([loaded, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not self._stop.is_set():
+            self.ready.set()
+            self.notifier.ready()
+            self._publish_status()
+            log.info(
+                "batch-poller started",
+                sources={n: r.provider_name for n, r in self.runners.items()},
+                tracking=sum(len(r.tracker.active()) for r in self.runners.values()),
+                sinks=list(self.sinks.workers),
+                state=self.store.description,
+                listen=self.config.service.listen if self.config.service.enabled else None,
+            )
+        await stop
+        loaded.cancel()
+        self.notifier.stopping()
+        log.info("shutting down", deadline=self.config.service.shutdown_timeout)
+        tasks = [*self._tasks.values(), watchdog]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        # In-flight deliveries get the deadline; whatever is left stays in the outbox for the next start.
+        await self._close_sinks()
+        await asyncio.gather(*(r.close() for r in self.runners.values()), return_exceptions=True)
+        log.info("stopped")
+
+    async def _all_loaded(self) -> None:
+        await asyncio.gather(*(r.loaded.wait() for r in self.runners.values()))
+
+    async def _close_sinks(self) -> None:
+        if self._sinks is not None:
+            await self._sinks.close_all(self.config.service.shutdown_timeout)
+
+    async def _watch_changes(self) -> None:
+        """Another process wrote (the CLI tracked batches, `redeliver` re-queued rows): catch up."""
+        async for _ in self.store.changes():
+            self.sinks.wake()
+            for runner in self.runners.values():
+                await runner.reload_tracked()
+
+    async def _housekeeping(self) -> None:
+        while not self._stop.is_set():  # once stopping, return: waiting on a set event would spin
+            self.loop_tick = time.monotonic()
+            if self._reload_requested:
+                self._reload_requested = False
+                await self.reloader.reload()
+            self._publish_status()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), TICK)
+
+    def _publish_status(self) -> None:
+        line = self.status_line()
+        if line != self._last_status:
+            self._last_status = line
+            self.notifier.status(line)
+
+    # -- what the service endpoint and systemd are told ------------------------------------------
+
+    def liveness(self) -> tuple[bool, dict[str, object]]:
+        """Alive while the housekeeping loop ticks and every runner ticks or its requests progress."""
+        now = time.monotonic()
+        age = now - self.loop_tick if self.loop_tick else None
+        stuck = [name for name, r in self.runners.items() if r.loaded.is_set() and not r.alive(now)]
+        ok = age is not None and age < LOOP_STALL and not stuck
+        return ok, {"loop_tick_age": None if age is None else round(age, 3), "stuck_sources": stuck}
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready when the store is open and every source's API works (credentials, base_url, recent polls)."""
+        reasons = [] if self.store_open else ["state store is not open"]
+        for runner in self.runners.values():
+            reasons += runner.readiness()
+        last = {n: r.health.last_success for n, r in self.runners.items()}
+        return not reasons, {"reasons": reasons, "last_success": last}
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: tracking, each source's API health and each failing sink."""
+        total = sum(len(r.tracker.active()) for r in self.runners.values())
+        parts = [f"tracking {total} batches"]
+        for name, runner in self.runners.items():
+            health = runner.health
+            if health.auth_failing:
+                parts.append(f"{name}: API REJECTS CREDENTIALS")
+            elif health.misconfigured:
+                parts.append(f"{name}: API MISCONFIGURED")
+            elif health.api_failing_since is not None:
+                parts.append(f"{name}: API unreachable")
+        if self._sinks is not None:
+            parts += self._sinks.status_parts()
+        return "; ".join(parts)
+
+    def tracked_counts(self) -> dict[str, dict[str, int]]:
+        return {name: runner.tracked_counts() for name, runner in self.runners.items()}

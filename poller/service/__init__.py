@@ -1,0 +1,1 @@
+"""The HTTP service: health probes, Prometheus metrics and the control API."""
