@@ -27,7 +27,7 @@ def text_line(event: Event) -> str:
     else:
         arrow = data.status
     batch = _printable(data.id)  # ids come from the provider: no control characters reach a terminal
-    return f"{when}  {data.source:<9} {batch:<40} {event.type:<17} {arrow:<26} {progress}".rstrip()
+    return f"{when}  {data.source:<9} {batch:<40} {event.type:<18} {arrow:<26} {progress}".rstrip()
 
 
 def _printable(text: str) -> str:
