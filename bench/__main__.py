@@ -2,6 +2,8 @@
 
 Exits 0 whatever the numbers (a missed target is reported, never an error); 1 only if a benchmark could
 not run at all. `--only api,cpu` runs a subset (and still writes the file, with only those rows).
+`--quick` runs every benchmark at its smallest size with one repetition, to prove it works end to end:
+its figures mean nothing, so it writes a file only when `--output` names one.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def markdown(sections: list[tuple[str, Section]], info: dict[str, str], total: f
         "# batch-poller benchmarks",
         "",
         "Written by `make bench` (`python -m bench`); every figure is from one run on the machine below, on",
-        "loopback against the package's Batch API simulator (`poller/simulator.py`, in a process of its own",
+        "loopback against the package's Batch API simulator (`poller.sim`, in a process of its own",
         "wherever CPU or latency is measured). Benchmarks are not tests: they report, and never fail on a timing.",
         "Where runs are short the figure is the median of a few repetitions (see the notes).",
         "",
@@ -101,15 +103,19 @@ def _paragraphs(doc: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--output", type=Path, default=OUTPUT, help="the Markdown file to write")
+    parser.add_argument("--output", type=Path, help=f"the Markdown file to write (default {OUTPUT.relative_to(ROOT)})")
+    parser.add_argument(
+        "--quick", action="store_true", help="smallest sizes, one repetition: a smoke run (writes only --output)"
+    )
     args = parser.parse_args()
+    output: Path | None = args.output or (None if args.quick else OUTPUT)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
     info = machine()
     print("batch-poller benchmarks on " + ", ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
-    ctx: dict[str, Any] = {}
+    ctx: dict[str, Any] = {"quick": args.quick}
     sections: list[tuple[str, Section]] = []
     started = time.perf_counter()
     for name in names:
@@ -129,8 +135,11 @@ def main() -> int:
     total = time.perf_counter() - started
     rows = [r for _, s in sections for r in s.rows]
     print("\n" + text_table(rows))
-    args.output.write_text(markdown(sections, info, total))
-    print(f"\nwritten to {args.output} ({total:.0f} s)")
+    if output is None:
+        print(f"\nquick run: nothing written ({total:.0f} s)")
+    else:
+        output.write_text(markdown(sections, info, total))
+        print(f"\nwritten to {output} ({total:.0f} s)")
     return 1 if any(s.error for _, s in sections) else 0
 
 

@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, Section, devnull_logging, fmt, median, poller_config, ratio, workdir
+from bench.common import Row, Section, devnull_logging, fmt, median, poller_config, quick, ratio, workdir
 from bench.driver import DaemonDriver, Refresh, pre_track
 from bench.simproc import steady_sim
 from poller.sim import OpenAISim, serve
 
 SIZES = (100, 1_000, 10_000)
 REPS = 3
+#: `--quick`: the smallest size, and the spread case scaled down as much (100 among the newest 1,000).
+QUICK_SIZES = (100,)
 PAGE = 100
 
 
@@ -55,9 +57,9 @@ def _seen(sim: OpenAISim) -> dict[str, int]:
     return {k: v for k, v in sim.stats.as_dict().items() if k in ("list", "retrieve") and v}
 
 
-async def _measure(case: Case) -> Outcome:
+async def _measure(case: Case, reps: int) -> Outcome:
     sim, created = steady_sim(case.total)
-    newest_first = [entry[2] for entry in reversed(sim._order)]
+    newest_first = [record.id for record in sim.book.newest_first()]
     tracked = newest_first[:: case.every]
     oldest_rank = max(newest_first.index(i) for i in tracked) + 1
     floor = math.ceil(oldest_rank / PAGE)
@@ -65,12 +67,12 @@ async def _measure(case: Case) -> Outcome:
     with workdir("api") as tmp:
         async with serve(sim) as url:
             state = tmp / "state.db"
-            pre_track(state, "openai", tracked)
+            await pre_track(state, tracked)
             async with DaemonDriver(_config(url, state)) as driver:
                 first = await driver.first_refresh()
                 first_seen = _seen(sim)
                 steady, steady_seen = [], []
-                for _ in range(REPS):
+                for _ in range(reps):
                     sim.stats.reset()
                     steady.append(await driver.full_refresh())
                     steady_seen.append(_seen(sim))
@@ -96,13 +98,16 @@ def _split(seen: dict[str, int]) -> str:
     return " + ".join(f"{v:,} {k}" for k, v in sorted(seen.items())) or "0"
 
 
-async def _run() -> Section:
+async def _run(small: bool) -> Section:
     devnull_logging("warning")
     section = Section("API economy")
-    cases = [Case(f"N = {n:,}", n, 1) for n in SIZES] + [Case("1,000 among newest 10,000", 10_000, 10)]
+    sizes, reps = (QUICK_SIZES, 1) if small else (SIZES, REPS)
+    spread = sizes[-1]
+    cases = [Case(f"N = {n:,}", n, 1) for n in sizes]
+    cases.append(Case(f"{spread // 10:,} among newest {spread:,}", spread, 10))
     for case in cases:
         started = time.perf_counter()
-        out = await _measure(case)
+        out = await _measure(case, reps)
         n, auto = out.tracked, out.steady_requests
         within = auto <= 1.1 * out.floor
         main = case.every == 1
@@ -137,5 +142,4 @@ async def _run() -> Section:
 
 
 def run(ctx: dict[str, Any]) -> Section:
-    del ctx
-    return asyncio.run(_run())
+    return asyncio.run(_run(quick(ctx)))

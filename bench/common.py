@@ -24,6 +24,8 @@ from typing import Any, Self
 
 KEY_ENV = "BENCH_BATCH_API_KEY"
 KEY = "sk-sim"
+#: The one source every benchmark's daemon polls (`[[sources]] name`).
+SOURCE = "openai"
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -76,6 +78,11 @@ def fmt(value: float, digits: int = 2) -> str:
 
 def ratio(a: float, b: float, digits: int = 2) -> str:
     return "n/a" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:.{digits}f}"
+
+
+def quick(ctx: dict[str, Any]) -> bool:
+    """Whether this is a `--quick` run: smallest sizes, one repetition, to prove a benchmark runs."""
+    return bool(ctx.get("quick"))
 
 
 # -- processes ---------------------------------------------------------------------------------------
@@ -193,10 +200,10 @@ def ready_child(module: str, args: Sequence[str], log_path: Path) -> Iterator[tu
 
 
 @contextlib.contextmanager
-def sim_process(batches: int, tmp: Path, *, seed: int = 1) -> Iterator[SimProcess]:
-    """Start `python -m bench.simproc` with `batches` steady in-progress batches; stopped on exit."""
+def sim_process(batches: int, tmp: Path, *, seed: int = 1, phase: str = "in_progress") -> Iterator[SimProcess]:
+    """Start `python -m bench.simproc` with `batches` batches steady in `phase`; stopped on exit."""
     ids_file = tmp / f"sim-ids-{batches}.json"
-    args = ["--batches", str(batches), "--seed", str(seed), "--ids-out", str(ids_file)]
+    args = ["--batches", str(batches), "--seed", str(seed), "--ids-out", str(ids_file), "--phase", phase]
     with ready_child("bench.simproc", args, tmp / "simulator.log") as (proc, url):
         yield SimProcess(proc, url, json.loads(ids_file.read_text()))
 
@@ -274,9 +281,13 @@ def poller_config(
     log_level: str = "info",
     **poll: Any,
 ) -> dict[str, Any]:
-    """A config dict (TOML-shaped) for a daemon against the simulator; `poll` overrides [poll] keys."""
+    """A config dict (TOML-shaped) for a daemon with one OpenAI source, the simulator; `poll` overrides [poll] keys.
+
+    The source is the single `[source]` table (`tests.helpers.write_toml` writes only `[[sinks]]` as an
+    array of tables); it is read as the one `[[sources]]` entry named `SOURCE`.
+    """
     return {
-        "source": {"base_url": base_url, "api_key_env": KEY_ENV},
+        "source": {"name": SOURCE, "provider": "openai", "base_url": base_url, "api_key_env": KEY_ENV},
         "poll": {"max_requests_per_second": 100_000, "max_concurrency": 8} | poll,
         "state": {"path": str(state)},
         "log": {"level": log_level, "format": "json"},

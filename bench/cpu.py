@@ -25,20 +25,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import KEY, Row, Section, median, poller_config, ratio, run_json_child, sim_process, workdir
+from bench.common import (
+    KEY,
+    Row,
+    Section,
+    median,
+    poller_config,
+    quick,
+    ratio,
+    run_json_child,
+    sim_process,
+    workdir,
+)
 
 BATCHES = 10_000
 REPS = 3
 TARGET = 0.3
+#: `--quick`: batches in the simulator (the figures are still scaled to 10,000).
+QUICK_BATCHES = 200
 
 
 def run(ctx: dict[str, Any]) -> Section:
     section = Section("CPU per refresh")
-    with workdir("cpu") as tmp, sim_process(BATCHES, tmp) as sim:
+    batches, reps = (QUICK_BATCHES, 1) if quick(ctx) else (BATCHES, REPS)
+    with workdir("cpu") as tmp, sim_process(batches, tmp) as sim:
         ids_file = tmp / "ids.json"
         ids_file.write_text(json.dumps(sim.ids))
-        poller = run_json_child("bench.cpu", "poller", sim.url, str(ids_file), str(tmp / "state.db"))
-        sdk = run_json_child("bench.cpu", "sdk", sim.url, str(ids_file))
+        reps_arg = f"--reps={reps}"
+        poller = run_json_child("bench.cpu", "poller", reps_arg, sim.url, str(ids_file), str(tmp / "state.db"))
+        sdk = run_json_child("bench.cpu", "sdk", reps_arg, sim.url, str(ids_file))
     ctx["sdk_maxrss_mb"] = sdk["maxrss_mb"]
     ctx["poller_inproc_maxrss_mb"] = poller["maxrss_mb"]
     per = BATCHES / poller["batches"]
@@ -102,12 +117,12 @@ def run(ctx: dict[str, Any]) -> Section:
 # -- the measured children -----------------------------------------------------------------------------
 
 
-async def _poller(url: str, ids: list[str], state: Path) -> dict[str, Any]:
+async def _poller(url: str, ids: list[str], state: Path, reps: int) -> dict[str, Any]:
     from bench.common import devnull_logging  # noqa: PLC0415
     from bench.driver import DaemonDriver, pre_track  # noqa: PLC0415
 
     devnull_logging("info")
-    pre_track(state, "openai", ids)
+    await pre_track(state, ids)
     hour = "1h"
     config = poller_config(
         url, state, validating=hour, in_progress=hour, finalizing=hour, cancelling=hour, max_interval=hour
@@ -115,17 +130,17 @@ async def _poller(url: str, ids: list[str], state: Path) -> dict[str, Any]:
     cpu, wall, requests, changed = [], [], [], []
     async with DaemonDriver(config) as driver:
         first = await driver.first_refresh()
-        for _ in range(REPS):
-            before = _rows_written(driver.daemon.store)
+        for _ in range(reps):
+            before = await _rows_written(driver.daemon.store)
             refresh = await driver.full_refresh()
             if refresh.missed:
                 raise RuntimeError(f"{refresh.missed} batches were not refreshed")
-            changed.append(_rows_written(driver.daemon.store) - before)
+            changed.append(await _rows_written(driver.daemon.store) - before)
             cpu.append(refresh.cpu)
             wall.append(refresh.wall)
             requests.append(refresh.total)
         # The same refresh forced through one retrieve per batch: the client's own cost per request.
-        tracker: Any = driver.daemon.tracker
+        tracker: Any = driver.runner.tracker
         tracker.plan_walk = lambda _due: None
         forced = await driver.full_refresh()
     return {
@@ -143,20 +158,25 @@ async def _poller(url: str, ids: list[str], state: Path) -> dict[str, Any]:
     }
 
 
-def _rows_written(store: Any) -> int:
-    """Rows the store's SQLite connection inserted, updated or deleted so far (-1 if not reachable)."""
-    db = getattr(store, "_db", None)
-    return int(db.total_changes) if db is not None else -1
+async def _rows_written(store: Any) -> int:
+    """Rows the store's SQLite connection inserted, updated or deleted so far (-1 if not reachable).
+
+    Read on the store's own thread (`SqliteStore._call`), the only one its connection may be used from.
+    """
+    rows = getattr(store, "_rows", None)
+    if rows is None:
+        return -1
+    return int(await store._call(lambda: rows.conn.db.total_changes))
 
 
-async def _sdk(url: str, ids: list[str]) -> dict[str, Any]:
+async def _sdk(url: str, ids: list[str], reps: int) -> dict[str, Any]:
     import openai  # noqa: PLC0415
 
     client = openai.AsyncOpenAI(api_key=KEY, base_url=url, max_retries=0)
     latest: dict[str, Any] = {}
     await client.batches.retrieve(ids[0])  # warm-up: connection, lazy imports
     cpu, wall = [], []
-    for _ in range(REPS):
+    for _ in range(reps):
         started_cpu, started = time.process_time(), time.perf_counter()
         for batch_id in ids:
             latest[batch_id] = await client.batches.retrieve(batch_id)
@@ -169,15 +189,16 @@ async def _sdk(url: str, ids: list[str]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="one measured client of the CPU benchmark")
     parser.add_argument("client", choices=["poller", "sdk"])
+    parser.add_argument("--reps", type=int, default=REPS)
     parser.add_argument("url")
     parser.add_argument("ids", type=Path)
     parser.add_argument("state", type=Path, nargs="?")
     args = parser.parse_args()
     ids: list[str] = json.loads(args.ids.read_text())
     if args.client == "poller":
-        result = asyncio.run(_poller(args.url, ids, args.state))
+        result = asyncio.run(_poller(args.url, ids, args.state, args.reps))
     else:
-        result = asyncio.run(_sdk(args.url, ids))
+        result = asyncio.run(_sdk(args.url, ids, args.reps))
     result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sys.stdout.write(json.dumps(result) + "\n")
 

@@ -1,7 +1,8 @@
 """Benchmark 4, delivery: a burst of 5,000 events through the durable outbox, to MQTT and to a webhook.
 
-A real `batch-poller run` process sees 5,000 batches for the first time: one event each, detected page by
-page (50 list pages) and written to the outbox in the same transactions as the batch rows; its delivery
+A real `batch-poller run` process sees 5,000 batches for the first time: one event each (they are still
+validating), detected page by page (50 list pages) and written to the outbox in the same transactions as
+the batch rows; its delivery
 worker sends them to one sink: a private Mosquitto (QoS 1, the event and the retained state message, so
 two PUBACKs per event) or a local aiohttp receiver answering 204 (signed requests). Latency per event is
 from detection (`events.detected_at`) to the acknowledgement (`outbox.updated_at`, written when the sink
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -36,6 +38,7 @@ from bench.common import (
     log_tail,
     percentile,
     poller_config,
+    quick,
     ratio,
     ready_child,
     run_json_child,
@@ -48,11 +51,24 @@ from tests.helpers import write_toml  # one TOML writer for the tests and the be
 
 EVENTS = 5_000
 REPS = 3
+#: `--quick`: events in the burst (batches in the simulator).
+QUICK_EVENTS = 200
 TARGET = 0.5
 TIMEOUT = 240.0
 SECRET_ENV = "BENCH_WEBHOOK_SECRET"
 MQTT_IN_FLIGHT = 16  # MqttSinkConfig.max_in_flight default
 WEBHOOK_IN_FLIGHT = 4  # WebhookSinkConfig.max_concurrency default
+
+
+def _progress(db: Path, sink: str) -> tuple[int, int]:
+    """(batches seen, outbox rows of `sink` not yet delivered), read-only."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        seen = conn.execute("SELECT COUNT(*) FROM batches WHERE status IS NOT NULL").fetchone()[0]
+        waiting = conn.execute("SELECT COUNT(*) FROM outbox WHERE sink = ? AND state != 'delivered'", (sink,))
+        return int(seen), int(waiting.fetchone()[0])
+    finally:
+        conn.close()
 
 
 def _delivered(db: Path, sink: str) -> list[tuple[float, float]]:
@@ -80,13 +96,13 @@ def _payloads(db: Path, out: Path) -> None:
 
 def _poller_burst(tmp: Path, sim_url: str, ids: list[str], sink: dict[str, Any], rep: int) -> dict[str, Any]:
     """Run `batch-poller run` until the sink acknowledged every first-sight event; the figures from its state."""
-    from bench.driver import pre_track  # noqa: PLC0415
+    from bench.driver import pre_track_sync  # noqa: PLC0415
 
     name = sink["name"]
     run_dir = tmp / f"{name}-{rep}"
     run_dir.mkdir()
     state = run_dir / "state.db"
-    pre_track(state, "openai", ids)
+    pre_track_sync(state, ids)
     hour = "1h"
     raw = poller_config(
         sim_url,
@@ -111,12 +127,14 @@ def _poller_burst(tmp: Path, sim_url: str, ids: list[str], sink: dict[str, Any],
             time.sleep(0.5)
             if proc.poll() is not None:
                 raise RuntimeError(f"batch-poller exited with {proc.returncode}:\n{log_tail(run_dir / 'daemon.log')}")
-            done = len(_delivered(state, name)) if state.exists() else 0
-            if done >= len(ids) or time.monotonic() - started > TIMEOUT:
+            seen, waiting = _progress(state, name) if state.exists() else (0, 1)
+            if (seen >= len(ids) and not waiting) or time.monotonic() - started > TIMEOUT:
                 break
     finally:
         stop_process(proc)
     pairs = _delivered(state, name)
+    if not pairs:
+        raise RuntimeError(f"nothing was delivered to {name} within {TIMEOUT:g}s:\n{log_tail(run_dir / 'daemon.log')}")
     if name == "mqtt" and rep == 0:
         _payloads(state, tmp / "payloads.jsonl")
     first = min(d for d, _ in pairs)
@@ -129,31 +147,37 @@ def _poller_burst(tmp: Path, sim_url: str, ids: list[str], sink: dict[str, Any],
         "p99": percentile(latencies, 99),
         "detect_span": max(d for d, _ in pairs) - first,
         "span": last - first,
-        "complete": len(pairs) >= len(ids),
+        "complete": len(pairs) >= len(ids) and not _progress(state, name)[1],
     }
 
 
 def outbox_bookkeeping(tmp: Path, queued: int, samples: int = 50) -> float:
     """Seconds of outbox work per delivered event with `queued` events waiting, without any sink.
 
-    What the delivery worker asks the store for each event it sends: the next due head
-    (`Store.due_heads`, 15 other batches in flight) and, once acknowledged, `Store.mark_delivered`.
+    What the delivery worker asks the store for each event it sends, through the async SQLite store
+    (its own thread, as in the daemon): the next due head (`claim_heads`, 15 other batches in flight)
+    and, once acknowledged, `mark_delivered`.
     """
     from bench.startup import prepare_state  # noqa: PLC0415
-    from poller.store import Store  # noqa: PLC0415
 
     state = tmp / f"bookkeeping-{queued}.db"
     raw = poller_config("http://127.0.0.1:9/v1", state, [{"kind": "mqtt", "name": "diag", "url": "mqtt://127.0.0.1:9"}])
     prepare_state(state, raw, queued, sink="diag")
-    with Store(state) as store:
-        busy = {(row.source, row.batch_id) for row in store.due_heads("diag", time.time(), set(), 15)}
+    return asyncio.run(_bookkeeping(state, samples))
+
+
+async def _bookkeeping(state: Path, samples: int) -> float:
+    from poller.store import open_store  # noqa: PLC0415
+
+    async with open_store(state) as store:
+        busy = {(row.source, row.batch_id) for row in await store.claim_heads("diag", time.time(), set(), 15)}
         started = time.perf_counter()
         done = 0
         for _ in range(samples):
-            rows = store.due_heads("diag", time.time(), busy, 1)
+            rows = await store.claim_heads("diag", time.time(), busy, 1)
             if not rows:
                 break
-            store.mark_delivered("diag", [rows[0].event_id], time.time())
+            await store.mark_delivered("diag", [rows[0].event_id], time.time())
             done += 1
         return (time.perf_counter() - started) / max(done, 1)
 
@@ -165,26 +189,26 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(ctx: dict[str, Any]) -> Section:
-    del ctx
     section = Section("Delivery")
+    events, reps = (QUICK_EVENTS, 1) if quick(ctx) else (EVENTS, REPS)
     with (
         workdir("delivery") as tmp,
         Mosquitto(tmp / "mosquitto") as broker,
         ready_child("bench.receiver", [], tmp / "receiver.log") as (_, hook_url),
-        sim_process(EVENTS, tmp) as sim,
+        sim_process(events, tmp, phase="validating") as sim,
     ):
         mqtt_sink = {"kind": "mqtt", "name": "mqtt", "url": broker.url, "qos": 1}
         hook_sink = {"kind": "webhook", "name": "hook", "url": hook_url, "secret_env": SECRET_ENV}
-        mqtt = _median_run([_poller_burst(tmp, sim.url, sim.ids, mqtt_sink, rep) for rep in range(REPS)])
-        hook = _median_run([_poller_burst(tmp, sim.url, sim.ids, hook_sink, rep) for rep in range(REPS)])
+        mqtt = _median_run([_poller_burst(tmp, sim.url, sim.ids, mqtt_sink, rep) for rep in range(reps)])
+        hook = _median_run([_poller_burst(tmp, sim.url, sim.ids, hook_sink, rep) for rep in range(reps)])
         payloads = str(tmp / "payloads.jsonl")
         raw_mqtt = _median_run(
-            [run_json_child("bench.delivery", "raw-mqtt", str(broker.port), payloads) for _ in range(REPS)]
+            [run_json_child("bench.delivery", "raw-mqtt", str(broker.port), payloads) for _ in range(reps)]
         )
         raw_hook = _median_run(
-            [run_json_child("bench.delivery", "raw-webhook", hook_url, payloads) for _ in range(REPS)]
+            [run_json_child("bench.delivery", "raw-webhook", hook_url, payloads) for _ in range(reps)]
         )
-        bookkeeping = {n: outbox_bookkeeping(tmp, n) for n in (EVENTS, 100)}
+        bookkeeping = {n: outbox_bookkeeping(tmp, n) for n in (events, 100)}
     for label, ours, raw, target in (
         ("MQTT (PUBACK)", mqtt, raw_mqtt, True),
         ("webhook (2xx)", hook, raw_hook, False),
@@ -193,7 +217,7 @@ def run(ctx: dict[str, Any]) -> Section:
         partial = "" if ours["complete"] else f" (only {ours['events']:,} within {TIMEOUT:g} s)"
         section.rows.append(
             Row(
-                f"Burst of 5,000 events to {label}: throughput",
+                f"Burst of {events:,} events to {label}: throughput",
                 f"{ours['throughput']:,.0f} events/s{partial}",
                 f"{raw['throughput']:,.0f} events/s (raw, no outbox)",
                 ratio(ours["throughput"], raw["throughput"]),
@@ -211,16 +235,16 @@ def run(ctx: dict[str, Any]) -> Section:
             )
         )
         section.notes.append(
-            f"{label}, median of {REPS} runs (events/s: {', '.join(f'{t:,.0f}' for t in ours['all'])}): "
+            f"{label}, median of {reps} runs (events/s: {', '.join(f'{t:,.0f}' for t in ours['all'])}): "
             f"{ours['events']:,} events acknowledged {ours['span']:.2f} s after the first detection; detection "
-            f"itself spanned {ours['detect_span']:.2f} s (50 list pages). Raw, median of {REPS} (events/s: "
+            f"itself spanned {ours['detect_span']:.2f} s ({math.ceil(events / 100)} list pages). Raw, median of {reps} (events/s: "
             f"{', '.join(f'{t:,.0f}' for t in raw['all'])}): {raw['events']:,} in {raw['span']:.2f} s."
         )
-    full, small = bookkeeping[EVENTS], bookkeeping[100]
+    full, small = bookkeeping[events], bookkeeping[100]
     growth = full / small
     section.notes.append(
-        f"Outbox bookkeeping per delivered event, no sink (`Store.due_heads` for the next head with 15 batches in "
-        f"flight, then `Store.mark_delivered`): {full * 1000:.2f} ms with {EVENTS:,} events queued, i.e. at most "
+        f"Outbox bookkeeping per delivered event, no sink (`claim_heads` for the next head with 15 batches in "
+        f"flight, then `mark_delivered`, on the async SQLite store): {full * 1000:.2f} ms with {events:,} events queued, i.e. at most "
         f"{1 / full:,.0f} events/s from the store alone; {small * 1000:.2f} ms ({1 / small:,.0f} events/s) with 100 "
         "queued."
         + (
@@ -233,7 +257,7 @@ def run(ctx: dict[str, Any]) -> Section:
     ceiling = mqtt["events"] / mqtt["detect_span"] if mqtt["detect_span"] > 0 else float("inf")
     section.notes.append(
         "What limits it (profiled with pyinstrument, in the daemon process): the measured window starts at the "
-        "first detection, so it contains the detection of all 5,000 batches too (parsing each Batch with "
+        f"first detection, so it contains the detection of all {events:,} batches too (parsing each Batch with "
         "pydantic, detecting, writing batch rows, events and outbox rows), which runs in the same process "
         f"and on its own caps the figure at about {ceiling:,.0f} events/s here. Of the rest, about a third "
         "is aiomqtt/paho (the same as for the raw client), then building MQTT 5 properties (paho validates "
@@ -255,8 +279,8 @@ def _load(path: Path) -> list[bytes]:
 async def _raw_mqtt(port: int, payloads: list[bytes]) -> dict[str, Any]:
     import aiomqtt  # noqa: PLC0415
 
-    from poller.events import decode  # noqa: PLC0415
-    from poller.sinks.mqtt import state_payload  # noqa: PLC0415
+    from poller.domain.events import decode  # noqa: PLC0415
+    from poller.sinks.mqtt_payload import state_payload  # noqa: PLC0415
 
     messages = []
     for payload in payloads:  # rendered before the clock starts: the raw publisher has them ready

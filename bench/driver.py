@@ -1,8 +1,9 @@
 """Drive a `Daemon` in this event loop: wait for its first refresh, then force full refreshes on demand.
 
-A full refresh is what `Daemon._poll_loop` does when every tracked batch is due at once: set every
-`next_due` to 0 and wake the loop; it refreshes them all in one call (`Refresher.refresh(due)`). The driver wraps that method, for as long as the daemon runs, to learn when the call
-returned, so nothing polls the tracked set while it is measured. One driver per process at a time.
+A full refresh is what the source's `SourceRunner` loop does when every tracked batch is due at once:
+set every `next_due` to 0 and wake the runner; it refreshes them all in one call (`Refresher.refresh(due)`).
+The driver wraps that method, for as long as the daemon runs, to learn when the call returned, so
+nothing polls the tracked set while it is measured. One driver per process at a time.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from bench.common import KEY, KEY_ENV
+from bench.common import KEY, KEY_ENV, SOURCE
 from poller.config import Config, parse_config
-from poller.daemon import Daemon
-from poller.records import ACTIVE, TrackedBatch
-from poller.refresh import Refresher
-from poller.store import Store
+from poller.polling.refresh import Refresher
+from poller.polling.runner import SourceRunner
+from poller.runtime.daemon import Daemon
+from poller.store import ACTIVE, TrackedBatch, open_store
 
 #: Seconds a refresh may take before the benchmark gives up.
 REFRESH_TIMEOUT = 300.0
@@ -43,10 +44,15 @@ class Refresh:
         return sum(self.requests.values())
 
 
-def pre_track(state: Path, source: str, ids: list[str]) -> None:
-    """Track `ids` in the state file before the daemon starts (as `batch-poller track` would)."""
-    with Store(state) as store:
-        store.track(source, ids, "bench", time.time())
+async def pre_track(state: Path, ids: list[str], source: str = SOURCE) -> None:
+    """Track `ids` in the state file before the daemon starts (as `batch-poller track` does)."""
+    async with open_store(state) as store:
+        await store.track(source, ids, "bench", time.time())
+
+
+def pre_track_sync(state: Path, ids: list[str], source: str = SOURCE) -> None:
+    """`pre_track` for code outside an event loop (before a daemon process is spawned)."""
+    asyncio.run(pre_track(state, ids, source))
 
 
 class DaemonDriver:
@@ -59,6 +65,11 @@ class DaemonDriver:
         self._last: tuple[int, float, float] | None = None
         self._task: asyncio.Task[int] | None = None
         self._restore: Callable[[], None] | None = None
+
+    @property
+    def runner(self) -> SourceRunner:
+        """The runner of the config's only source."""
+        return self.daemon.runner(None)
 
     def _observe(self) -> Callable[[], None]:
         """Wrap the refresh entry point, `Refresher.refresh`, for as long as the daemon runs."""
@@ -78,11 +89,17 @@ class DaemonDriver:
         return lambda: setattr(owner, name, original)
 
     async def __aenter__(self) -> Self:
-        # Patched before the daemon starts: its poll loop runs its first turn before `ready` wakes us.
+        # Patched before the daemon starts: its runner may refresh before `ready` wakes us.
         self._restore = self._observe()
-        self._task = asyncio.create_task(self.daemon.run())
-        await asyncio.wait_for(self.daemon.ready.wait(), 60)
-        return self
+        self._task = asyncio.create_task(self.daemon.run(), name="bench.daemon")
+        ready = asyncio.create_task(self.daemon.ready.wait(), name="bench.ready")
+        await asyncio.wait([ready, self._task], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            return self
+        ready.cancel()
+        ended = self._task.done()
+        await self.__aexit__(None, None, None)  # re-raises whatever the daemon raised
+        raise RuntimeError("the daemon ended before it was ready" if ended else "the daemon was not ready within 60 s")
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -96,14 +113,15 @@ class DaemonDriver:
                 self._restore()
 
     def _requests(self) -> Counter[str]:
-        api = self.daemon._api
-        return Counter() if api is None else Counter(api.requests)
+        """Requests the source's provider sent since the daemon started, by kind (list, retrieve)."""
+        provider: Any = self.runner.ctx.provider
+        return Counter() if provider is None else Counter(provider.requests)
 
     def _active(self) -> list[TrackedBatch]:
-        return [b for b in self.daemon.tracker.batches.values() if b.state == ACTIVE]
+        return self.runner.tracker.active()
 
     async def first_refresh(self) -> Refresh:
-        """The refresh of first sight (the daemon's first loop turn finds every tracked batch due).
+        """The refresh of first sight (the runner's first turn finds every tracked batch due).
 
         Its CPU is the `refresh` call's own; requests are counted since the daemon started.
         """
@@ -114,7 +132,7 @@ class DaemonDriver:
         return Refresh(due, dict(self._requests()), cpu, wall, missed)
 
     async def full_refresh(self) -> Refresh:
-        """Make every active batch due, wake the loop and wait for the one `refresh` call that follows.
+        """Make every active batch due, wake the runner and wait for the one `refresh` call that follows.
 
         CPU and wall time are the whole process's from the wake to the end of that call.
         """
@@ -124,8 +142,8 @@ class DaemonDriver:
             batch.next_due = 0.0
         self._done.clear()
         cpu, wall = time.process_time(), time.perf_counter()
-        # Not `Daemon.wake()`: that also re-reads every tracked row from SQLite, which a due batch does not.
-        self.daemon._wake.set()
+        # `SourceRunner.wake` only ends the runner's idle wait; it re-reads nothing from the store.
+        self.runner.wake()
         await asyncio.wait_for(self._done.wait(), REFRESH_TIMEOUT)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         assert self._last is not None

@@ -2,7 +2,9 @@
 
 `python -m bench.simproc --batches N --ids-out FILE` creates N batches that stay in progress for hours
 (their request counts keep moving, as real ones do), writes their ids to FILE, serves on a free loopback
-port and prints ``READY <base url>`` once it accepts connections.
+port and prints ``READY <base url>`` once it accepts connections. With `--phase validating` the batches
+stay validating for hours instead: first sight of one is a single event (`batch.validating`), where an
+in-progress one is two (`batch.validating`, reconstructed from `created_at`, then `batch.in_progress`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import signal
 import sys
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 
 from poller.sim import OpenAISim, SimClock, SimProfile, serve
@@ -27,13 +30,19 @@ STEADY = SimProfile(
     p_expired=0.0,
     requests=(100, 20_000),
 )
+#: Every batch validates for 5 to 6 hours (the most a 24 h window allows): first sight sees only validating.
+VALIDATING = replace(STEADY, validating_s=(18_000.0, 21_600.0))
+PROFILES = {"in_progress": STEADY, "validating": VALIDATING}
 CREATED_AGO = 300.0
 SPREAD = 3600.0
 
 
-def steady_sim(batches: int, seed: int = 1) -> tuple[OpenAISim, list[str]]:
-    """A simulator holding exactly `batches` active batches (so they are the newest N), and their ids."""
-    sim = OpenAISim(clock=SimClock(speed=1.0), profile=STEADY, seed=seed)
+def steady_sim(batches: int, seed: int = 1, phase: str = "in_progress") -> tuple[OpenAISim, list[str]]:
+    """A simulator holding exactly `batches` active batches (so they are the newest N), and their ids.
+
+    `phase` is the status they all stay in for hours: "in_progress" or "validating".
+    """
+    sim = OpenAISim(clock=SimClock(speed=1.0), profile=PROFILES[phase], seed=seed)
     ids = sim.create_batches(batches, created_at=sim.now() - CREATED_AGO, spread=SPREAD)
     return sim, ids
 
@@ -51,8 +60,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, required=True)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ids-out", type=Path, required=True)
+    parser.add_argument("--phase", choices=sorted(PROFILES), default="in_progress")
     args = parser.parse_args()
-    sim, ids = steady_sim(args.batches, args.seed)
+    sim, ids = steady_sim(args.batches, args.seed, args.phase)
     args.ids_out.write_text(json.dumps(ids))
     loop = asyncio.new_event_loop()
     task = loop.create_task(_serve(sim))
