@@ -73,7 +73,10 @@ def _populate(sim: OpenAISim, count: int) -> list[str]:
 
 
 def _sims(speed: float) -> dict[str, SimApi]:
-    profile = SimProfile(validating_s=(5, 40), in_progress_s=(120, 480), finalizing_s=(10, 60), cancelling_s=(10, 40))
+    # No random expiry: an expired batch waits out its 24 h window; the demo backdates its one late batch.
+    profile = SimProfile(
+        validating_s=(5, 40), in_progress_s=(120, 480), finalizing_s=(10, 60), cancelling_s=(10, 40), p_expired=0.0
+    )
     seed = int(time.time())
     kinds: dict[str, Any] = {"openai": OpenAISim, "anthropic": AnthropicSim, "gemini": GeminiSim}
     return {
