@@ -25,7 +25,7 @@ def test_an_outage_is_logged_when_it_starts_and_when_it_ends_single_failures_at_
         h.failed(ApiError("bad request", status=400), T0 + 11)  # one failed request, not an outage
     levels = [(e["log_level"], e["event"]) for e in logs]
     assert levels.count(("warning", "Batch API unreachable; backing off until it answers")) == 1
-    assert [e for e in logs if e["event"] == "Batch API recovered"][0]["outage_seconds"] == 10.0
+    assert next(e for e in logs if e["event"] == "Batch API recovered")["outage_seconds"] == 10.0
     assert [lvl for lvl, _ in levels].count("info") == 1  # only the recovery
     assert all(lvl == "debug" for lvl, ev in levels if ev == "Batch API request failed")
 
