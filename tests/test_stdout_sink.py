@@ -66,7 +66,9 @@ async def test_a_closed_stream_is_a_retryable_outage():
 
 
 async def test_text_lines_name_the_source_and_escape_what_the_provider_sent():
-    batch = make_batch("in_progress", "batch_\x1b[2Jx\nforged", request_counts={"completed": 1, "failed": 0, "total": 2})
+    batch = make_batch(
+        "in_progress", "batch_\x1b[2Jx\nforged", request_counts={"completed": 1, "failed": 0, "total": 2}
+    )
     e = make_event(
         source="anthropic",
         batch=batch,
