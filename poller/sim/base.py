@@ -104,12 +104,42 @@ class SimApi:
         assert isinstance(record, SimBatch)
         return record
 
+    #: A new batch record (not yet in the book) with the provider's defaults overridden by keyword fields.
+    _new_record: Callable[..., SimBatch]
+
+    def create_batch(self, **fields: Any) -> dict[str, Any]:
+        """Create one batch (fields as `_new_record` takes them) and return its wire form."""
+        record = self._new_record(**fields)
+        self.book.add([record])
+        return self.wire(record)
+
+    def create_batches(
+        self, n: int, *, spread: float = 0.0, created_at: float | None = None, **fields: Any
+    ) -> list[str]:
+        """Create `n` batches, created at `created_at` (default now) minus up to `spread` seconds; their ids."""
+        if n < 0 or spread < 0:
+            raise ValueError("n and spread must not be negative")
+        base = self.now() if created_at is None else created_at
+        records = [
+            self._new_record(created_at=base - self._rng.uniform(0.0, spread) if spread else base, **fields)
+            for _ in range(n)
+        ]
+        self.book.add(records)
+        return [r.id for r in records]
+
     def new_batches(self, n: int, fields: dict[str, Any]) -> list[str]:
         """Create `n` batches with the provider's defaults overridden by `fields`; returns their ids.
 
         Raises TypeError or ValueError for fields the provider does not know or values it refuses.
         """
-        raise NotImplementedError
+        return self.create_batches(n, **fields)
+
+    async def _http_get(self, request: web.Request) -> tuple[int, dict[str, Any]]:
+        """`GET` of one batch by the `batch_id` in the route."""
+        batch_id = request.match_info["batch_id"]
+        if batch_id not in self.book:
+            raise self.not_found(batch_id)
+        return 200, self.get(batch_id)
 
     def wire(self, record: Any) -> dict[str, Any]:
         """A batch as the provider's API sends it now."""

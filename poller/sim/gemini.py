@@ -105,32 +105,6 @@ class GeminiSim(SimApi):
 
     # -- state -------------------------------------------------------------------------------------
 
-    def create_batch(self, **fields: Any) -> dict[str, Any]:
-        """Create one batch (fields as for `create_batches`) and return its wire form."""
-        record = self._new_record(**fields)
-        self.book.add([record])
-        return self.wire(record)
-
-    def create_batches(
-        self, n: int, *, spread: float = 0.0, created_at: float | None = None, **fields: Any
-    ) -> list[str]:
-        """Create `n` batches, created at `created_at` (default now) minus up to `spread` seconds; their names.
-
-        `fields`: model, display_name, input_file, keys (inline requests), requests (how many, for a file), outcome.
-        """
-        if n < 0 or spread < 0:
-            raise ValueError("n and spread must not be negative")
-        base = self.now() if created_at is None else created_at
-        records = [
-            self._new_record(created_at=base - self._rng.uniform(0.0, spread) if spread else base, **fields)
-            for _ in range(n)
-        ]
-        self.book.add(records)
-        return [r.id for r in records]
-
-    def new_batches(self, n: int, fields: dict[str, Any]) -> list[str]:
-        return self.create_batches(n, **fields)
-
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Start cancelling, as `POST .../{id}:cancel` does (its answer is `{}`); a finished batch is refused."""
         record = self.book.get(batch_id)

@@ -91,26 +91,6 @@ class MistralSim(SimApi):
         self.book.add([record])
         return self.wire(record)
 
-    def create_batches(
-        self, n: int, *, spread: float = 0.0, created_at: float | None = None, **fields: Any
-    ) -> list[str]:
-        """Create `n` jobs, created at `created_at` (default now) minus up to `spread` seconds; their ids.
-
-        `fields`: endpoint, model, agent_id, input_files, metadata, timeout_hours, outcome.
-        """
-        if n < 0 or spread < 0:
-            raise ValueError("n and spread must not be negative")
-        base = self.now() if created_at is None else created_at
-        records = [
-            self._new_record(created_at=base - self._rng.uniform(0.0, spread) if spread else base, **fields)
-            for _ in range(n)
-        ]
-        self.book.add(records)
-        return [r.id for r in records]
-
-    def new_batches(self, n: int, fields: dict[str, Any]) -> list[str]:
-        return self.create_batches(n, **fields)
-
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Request cancellation, as `POST /v1/batch/jobs/{id}/cancel` does; SimRequestError if not allowed."""
         record = self.start_cancel(batch_id)

@@ -84,60 +84,6 @@ class OpenAISim(SimApi):
 
     # -- state -------------------------------------------------------------------------------------
 
-    def create_batch(
-        self,
-        *,
-        input_file_id: str | None = None,
-        endpoint: str = "/v1/chat/completions",
-        completion_window: str = "24h",
-        metadata: dict[str, str] | None = None,
-        created_at: float | None = None,
-        outcome: Outcome | None = None,
-    ) -> dict[str, Any]:
-        """Create one batch (optionally backdated or with a forced outcome) and return its wire form."""
-        record = self._new_record(
-            input_file_id=input_file_id,
-            endpoint=endpoint,
-            completion_window=completion_window,
-            metadata=metadata,
-            created_at=created_at,
-            outcome=outcome,
-        )
-        self.book.add([record])
-        return self.wire(record)
-
-    def create_batches(
-        self,
-        n: int,
-        *,
-        endpoint: str = "/v1/chat/completions",
-        completion_window: str = "24h",
-        metadata: dict[str, str] | None = None,
-        created_at: float | None = None,
-        spread: float = 0.0,
-        outcome: Outcome | None = None,
-    ) -> list[str]:
-        """Create `n` batches, created at `created_at` minus up to `spread` seconds; return their ids."""
-        if n < 0 or spread < 0:
-            raise ValueError("n and spread must not be negative")
-        base = self.now() if created_at is None else created_at
-        records = [
-            self._new_record(
-                input_file_id=None,
-                endpoint=endpoint,
-                completion_window=completion_window,
-                metadata=metadata,
-                created_at=base - self._rng.uniform(0.0, spread) if spread else base,
-                outcome=outcome,
-            )
-            for _ in range(n)
-        ]
-        self.book.add(records)
-        return [r.id for r in records]
-
-    def new_batches(self, n: int, fields: dict[str, Any]) -> list[str]:
-        return self.create_batches(n, **fields)
-
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Start cancelling a batch, as `POST /batches/{id}/cancel` does; SimRequestError if not allowed."""
         record = self.start_cancel(batch_id)
@@ -162,12 +108,12 @@ class OpenAISim(SimApi):
     def _new_record(
         self,
         *,
-        input_file_id: str | None,
-        endpoint: str,
-        completion_window: str,
-        metadata: dict[str, str] | None,
-        created_at: float | None,
-        outcome: Outcome | None,
+        input_file_id: str | None = None,
+        endpoint: str = "/v1/chat/completions",
+        completion_window: str = "24h",
+        metadata: dict[str, str] | None = None,
+        created_at: float | None = None,
+        outcome: Outcome | None = None,
     ) -> OpenAIBatch:
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
@@ -284,12 +230,6 @@ class OpenAISim(SimApi):
     async def _http_create(self, request: web.Request) -> tuple[int, dict[str, Any]]:
         body = await json_object(request)
         return 200, self.create_batch(**_validate_create(body))
-
-    async def _http_get(self, request: web.Request) -> tuple[int, dict[str, Any]]:
-        batch_id = request.match_info["batch_id"]
-        if batch_id not in self.book:
-            raise self.not_found(batch_id)
-        return 200, self.get(batch_id)
 
     async def _http_list(self, request: web.Request) -> tuple[int, dict[str, Any]]:
         raw = request.query.get("limit", "20")

@@ -67,32 +67,6 @@ class OpenRouterSim(SimApi):
 
     # -- state -------------------------------------------------------------------------------------
 
-    def create_batch(self, **fields: Any) -> dict[str, Any]:
-        """Create one batch (fields as for `create_batches`) and return its wire form."""
-        record = self._new_record(**fields)
-        self.book.add([record])
-        return self.wire(record)
-
-    def create_batches(
-        self, n: int, *, spread: float = 0.0, created_at: float | None = None, **fields: Any
-    ) -> list[str]:
-        """Create `n` batches, created at `created_at` (default now) minus up to `spread` seconds; their ids.
-
-        `fields`: endpoint, model, custom_ids, expires_after (seconds, None for no hard expiry), outcome.
-        """
-        if n < 0 or spread < 0:
-            raise ValueError("n and spread must not be negative")
-        base = self.now() if created_at is None else created_at
-        records = [
-            self._new_record(created_at=base - self._rng.uniform(0.0, spread) if spread else base, **fields)
-            for _ in range(n)
-        ]
-        self.book.add(records)
-        return [r.id for r in records]
-
-    def new_batches(self, n: int, fields: dict[str, Any]) -> list[str]:
-        return self.create_batches(n, **fields)
-
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Cancel a batch from outside the API (OpenRouter's API has no cancel); SimRequestError if not allowed."""
         record = self.start_cancel(batch_id)
@@ -255,12 +229,6 @@ class OpenRouterSim(SimApi):
         if body.get("completion_window", "24h") != "24h":
             raise SimRequestError(400, "completion_window must be '24h'")
         return 202, self.create_batch(endpoint=body["endpoint"], model=body["model"], custom_ids=ids)
-
-    async def _http_get(self, request: web.Request) -> tuple[int, dict[str, Any]]:
-        batch_id = request.match_info["batch_id"]
-        if batch_id not in self.book:
-            raise self.not_found(batch_id)
-        return 200, self.get(batch_id)
 
     async def _http_list(self, request: web.Request) -> tuple[int, dict[str, Any]]:
         query = request.query

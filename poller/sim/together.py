@@ -76,26 +76,6 @@ class TogetherSim(SimApi):
         self.book.add([record])
         return self.wire(record)
 
-    def create_batches(
-        self, n: int, *, spread: float = 0.0, created_at: float | None = None, **fields: Any
-    ) -> list[str]:
-        """Create `n` jobs, created at `created_at` (default now) minus up to `spread` seconds; their ids.
-
-        `fields`: endpoint, model_id, input_file_id, outcome.
-        """
-        if n < 0 or spread < 0:
-            raise ValueError("n and spread must not be negative")
-        base = self.now() if created_at is None else created_at
-        records = [
-            self._new_record(created_at=base - self._rng.uniform(0.0, spread) if spread else base, **fields)
-            for _ in range(n)
-        ]
-        self.book.add(records)
-        return [r.id for r in records]
-
-    def new_batches(self, n: int, fields: dict[str, Any]) -> list[str]:
-        return self.create_batches(n, **fields)
-
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Cancel a job, as `POST /v1/batches/{id}/cancel` does; SimRequestError if not allowed."""
         record = self.start_cancel(batch_id)
@@ -201,12 +181,6 @@ class TogetherSim(SimApi):
             endpoint=body["endpoint"], input_file_id=body["input_file_id"], model_id=body.get("model_id")
         )
         return 200, {"job": job, "warning": None}
-
-    async def _http_get(self, request: web.Request) -> tuple[int, dict[str, Any]]:
-        batch_id = request.match_info["batch_id"]
-        if batch_id not in self.book:
-            raise self.not_found(batch_id)
-        return 200, self.get(batch_id)
 
     async def _http_list(self, _: web.Request) -> tuple[int, list[dict[str, Any]]]:
         return 200, self.all_jobs()
