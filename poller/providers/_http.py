@@ -134,6 +134,23 @@ class HttpProvider:
             raise self._bad(f"{kind} answered with another batch ({excerpt(snap.id, 80)})", "wrong_id")
         return snap
 
+    async def id_cursor_page(self, path: str, cursor_param: str, cursor: str | None, page_size: int) -> Page:
+        """One page of a `{data, has_more, last_id}` list, newest first (OpenAI's shape, and Anthropic's and
+        OpenRouter's): the next page starts after the last id of this one."""
+        query = {"limit": str(page_size)}
+        if cursor:
+            query[cursor_param] = cursor
+        body = await self.request("list", "GET", path, query)
+        if not isinstance(body, dict):
+            raise self._bad("list answer is not a JSON object", "list_shape")
+        items = body.get("data")
+        page = self.page(items, None)
+        if body.get("has_more") is True and isinstance(items, list) and items:
+            last = body.get("last_id") or (items[-1].get("id") if isinstance(items[-1], dict) else None)
+            if isinstance(last, str) and last:
+                return Page(page.snapshots, last, page.rejected)
+        return page
+
     def page(self, items: Any, next_cursor: str | None) -> Page:
         """Normalize a list page's items: the ones that are not batches are counted, logged and skipped."""
         if not isinstance(items, list):

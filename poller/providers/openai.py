@@ -77,19 +77,7 @@ class OpenAIProvider(HttpProvider):
         return self.snapshot(body, "cancel", batch_id)
 
     async def list_page(self, cursor: str | None) -> Page:
-        query = {"limit": str(PAGE_SIZE)}
-        if cursor:
-            query["after"] = cursor
-        body = await self.request("list", "GET", "/batches", query)
-        if not isinstance(body, dict):
-            raise self._bad("list answer is not a JSON object", "list_shape")
-        items = body.get("data")
-        page = self.page(items, None)
-        if body.get("has_more") is True and isinstance(items, list) and items:
-            last = body.get("last_id") or (items[-1].get("id") if isinstance(items[-1], dict) else None)
-            if isinstance(last, str) and last:
-                return Page(page.snapshots, last, page.rejected)
-        return page
+        return await self.id_cursor_page("/batches", "after", cursor, PAGE_SIZE)
 
     def normalize(self, raw: Mapping[str, Any]) -> Snapshot:
         try:

@@ -93,19 +93,8 @@ class OpenRouterProvider(HttpProvider):
         raise ApiError(f"openrouter has no batch cancel (batch {excerpt(batch_id, 80)})", code="unsupported")
 
     async def list_page(self, cursor: str | None) -> Page:
-        query = {"limit": str(PAGE_SIZE)}
-        if cursor:
-            query["after"] = cursor
-        body = await self.request("list", "GET", "/batches", query)
-        if not isinstance(body, dict):
-            raise self._bad("list answer is not a JSON object", "list_shape")
-        items = body.get("data")
-        page = self.page(items, None)
-        snapshots = [self._refined(s) for s in page.snapshots]
-        last = None
-        if body.get("has_more") is True and isinstance(items, list) and items:
-            last = body.get("last_id") or (items[-1].get("id") if isinstance(items[-1], dict) else None)
-        return Page(snapshots, last if isinstance(last, str) and last else None, page.rejected)
+        page = await self.id_cursor_page("/batches", "after", cursor, PAGE_SIZE)
+        return Page([self._refined(s) for s in page.snapshots], page.next, page.rejected)
 
     def _refined(self, snap: Snapshot) -> Snapshot:
         """A list item's in_progress as the finer status a retrieve showed (the list collapses them)."""
