@@ -123,7 +123,7 @@ async def run_demo(count: int = 10, deadline: float = 90.0, out: TextIO | None =
                     break
             daemon.stop()
             code = await runner
-            async with open_store(config.state.db_path()) as store:
+            async with open_store(config.state) as store:
                 return await _summary(store, ids, out) or code
 
 

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["tests.broker"]
+pytest_plugins = ["tests.broker", "tests.postgres"]

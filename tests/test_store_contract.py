@@ -25,7 +25,9 @@ from poller.domain.transitions import Knowledge, Policy, detect
 from poller.store import ACTIVE, FINAL, GONE, Store, TrackedBatch, open_store
 from poller.store.base import LoggedEvent, NewEvent, Write
 from poller.store.codec import dump_body
+from poller.store.postgres import PostgresStore
 from tests.helpers import make_snapshot
+from tests.postgres import Cluster
 
 SRC = "openai"
 NOW = 1_700_000_000.0
@@ -34,13 +36,21 @@ ALL_STATES = ("pending", "dead", "delivered")
 StoreFactory = Callable[[], Store]
 
 #: One name per implementation; each has a `<name>_store_factory` fixture below.
-IMPLEMENTATIONS = ["sqlite"]
+IMPLEMENTATIONS = ["sqlite", "postgres"]
 
 
 @pytest.fixture
 def sqlite_store_factory(tmp_path: Path) -> StoreFactory:
     path = tmp_path / "state" / "state.db"
     return lambda: open_store(path)
+
+
+@pytest.fixture
+def postgres_store_factory(postgres_cluster: Cluster, postgres_database: str) -> StoreFactory:
+    """Stores on one clean database per test; every store of a test has the same replica name, as
+    connections of one process would."""
+    conninfo = postgres_cluster.conninfo(postgres_database)
+    return lambda: PostgresStore(conninfo, postgres_cluster.url(postgres_database), name="test-replica")
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
@@ -668,6 +678,41 @@ async def test_changes_yield_when_another_connection_commits(store_factory: Stor
                 waiting.cancel()
                 await asyncio.wait({waiting})
             await changes.aclose()  # type: ignore[attr-defined]
+
+
+# -- leases ------------------------------------------------------------------------------------------
+
+
+async def test_a_source_lease_has_one_holder_until_it_expires(store_factory: StoreFactory) -> None:
+    async with store_factory() as one, store_factory() as two:
+        assert await one.acquire_leases("r1", ["openai", "azure"], NOW, 30) == ["openai", "azure"]
+        assert await two.acquire_leases("r2", ["openai", "azure", "gemini"], NOW + 1, 30) == ["gemini"]
+        assert await one.acquire_leases("r1", ["openai"], NOW + 20, 30) == ["openai"]  # renewed
+        assert await two.acquire_leases("r2", ["openai", "azure"], NOW + 31, 30) == ["azure"]  # azure lapsed
+        assert await one.leases() == {
+            "azure": ("r2", NOW + 61),
+            "gemini": ("r2", NOW + 31),
+            "openai": ("r1", NOW + 50),
+        }
+
+
+async def test_released_leases_are_free_at_once(store: Store) -> None:
+    await store.acquire_leases("r1", ["openai", "azure"], NOW, 30)
+    await store.acquire_leases("r2", ["gemini"], NOW, 30)
+    await store.release_leases("r1", ["azure"])
+    assert await store.acquire_leases("r2", ["azure"], NOW + 1, 30) == ["azure"]
+    await store.release_leases("r1")  # all of r1's
+    await store.release_leases("r1")  # releasing nothing held is fine
+    assert sorted(await store.leases()) == ["azure", "gemini"]
+    assert await store.acquire_leases("r3", ["openai"], NOW + 1, 30) == ["openai"]
+
+
+async def test_replicas_racing_for_a_lease_get_it_once(store_factory: StoreFactory) -> None:
+    async with store_factory() as one, store_factory() as two:
+        won = await asyncio.gather(
+            *(s.acquire_leases(f"r{i}", ["openai"], NOW, 30) for i, s in enumerate([one, two, one, two]))
+        )
+        assert sum(len(w) for w in won) == 1
 
 
 # -- knowledge ---------------------------------------------------------------------------------------

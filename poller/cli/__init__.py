@@ -127,7 +127,7 @@ def _check_config(config: Config, *, probe: bool) -> int:
     from poller.sinks.registry import build_sink  # noqa: PLC0415
 
     config.check_secrets()
-    config.state.check_usable()
+    config.state.check()
     for name, sink_config in config.named_sinks().items():
         build_sink(name, sink_config, dict(os.environ))  # what start-up checks beyond the schema
     sources = ", ".join(f"{n} ({s.provider_name} at {s.base_url})" for n, s in config.named_sources().items())

@@ -62,7 +62,7 @@ def ask_daemon(config: Config) -> dict[str, Any] | None:
 
 
 async def _from_store(config: Config) -> dict[str, Any]:
-    async with open_store(config.state.check_usable()) as store:
+    async with open_store(config.state) as store:
         tracked: dict[str, int] = {}
         for b in await store.batches():
             if b.source not in config.named_sources():

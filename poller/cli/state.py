@@ -125,5 +125,5 @@ COMMANDS: dict[str, Command] = {
 
 
 async def run_store_command(args: argparse.Namespace, config: Config) -> int:
-    async with open_store(config.state.check_usable()) as store:
+    async with open_store(config.state) as store:
         return await COMMANDS[args.command](args, config, store)

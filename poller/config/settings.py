@@ -6,12 +6,13 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Literal, Self
+from urllib.parse import parse_qs, urlsplit
 
 import platformdirs
 from pydantic import Field, field_validator, model_validator
 
 from poller.config.base import Section
-from poller.config.secrets import secret_pair_check
+from poller.config.secrets import read_secret, secret_pair_check
 from poller.durations import Duration
 from poller.errors import ConfigError
 
@@ -52,6 +53,45 @@ class PollConfig(Section):
 
 class StateConfig(Section):
     path: Path | None = None
+    #: A PostgreSQL URL (postgresql://user@host:port/db) selects the shared store; its password comes
+    #: from password_env or password_file, never the URL.
+    url: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("url must be a PostgreSQL URL, postgresql://user@host:5432/database")
+        if parts.password is not None or "password" in parse_qs(parts.query):
+            raise ValueError("url holds a password: remove it and set state.password_env or state.password_file")
+        return value
+
+    @model_validator(mode="after")
+    def _engine(self) -> Self:
+        secret_pair_check(self, "password", required=False)
+        if self.url is not None and self.path is not None:
+            raise ValueError("set only one of path (SQLite) and url (PostgreSQL)")
+        if self.url is None and (self.password_env is not None or self.password_file is not None):
+            raise ValueError("password_env and password_file go with url (PostgreSQL)")
+        return self
+
+    def password(self, environ: dict[str, str] | None = None) -> str | None:
+        """The PostgreSQL password, None when none is configured; ConfigError when it cannot be read."""
+        if self.password_env is None and self.password_file is None:
+            return None
+        return read_secret("state.password", self.password_env, self.password_file, environ)
+
+    def check(self, environ: dict[str, str] | None = None) -> None:
+        """What start-up checks before opening the store: a writable file, or a readable password."""
+        if self.url is None:
+            self.check_usable(environ)
+        else:
+            self.password(environ)
 
     def db_path(self, environ: dict[str, str] | None = None) -> Path:
         environ = dict(os.environ) if environ is None else environ

@@ -125,8 +125,8 @@ class Daemon:
     async def run(self) -> int:
         try:
             async with AsyncExitStack() as stack:
-                path = self.config.state.check_usable(self.environ)
-                self._store = await stack.enter_async_context(open_store(path))
+                state = open_store(self.config.state, self.environ)
+                self._store = await stack.enter_async_context(state)
                 self.store_open = True
                 self._sinks = SinkSet(
                     self.store, self.metrics, on_crash=self._crashed, clock=self.clock, rand=self.rand

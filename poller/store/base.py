@@ -229,7 +229,24 @@ class Outbox(Protocol):
         ...
 
 
-class Store(BatchStore, EventLog, Outbox, Protocol):
+class Leases(Protocol):
+    """One lease per source, so that one replica at a time polls it (list walks and rate limits are per key)."""
+
+    async def acquire_leases(self, holder: str, sources: Sequence[str], now: float, ttl: float) -> list[str]:
+        """Take or renew, until `now + ttl`, each source's lease that is free, expired or `holder`'s already;
+        returns the sources `holder` now holds, in the order asked."""
+        ...
+
+    async def release_leases(self, holder: str, sources: Sequence[str] | None = None) -> None:
+        """Give up `holder`'s leases (all of them when `sources` is None) so another replica takes over at once."""
+        ...
+
+    async def leases(self) -> dict[str, tuple[str, float]]:
+        """Every lease as source -> (holder, expires_at), expired ones included."""
+        ...
+
+
+class Store(BatchStore, EventLog, Outbox, Leases, Protocol):
     """A whole store, opened as an async context manager."""
 
     #: Where it lives, for logs and `status` (never a password).

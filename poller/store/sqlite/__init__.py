@@ -19,6 +19,7 @@ from poller.store.base import Delivery, LoggedEvent, NewEvent, OutboxRow, Record
 from poller.store.sqlite._conn import SCHEMA_VERSION, Connection
 from poller.store.sqlite.batches import BatchRows
 from poller.store.sqlite.events import EventRows
+from poller.store.sqlite.leases import LeaseRows
 from poller.store.sqlite.outbox import OutboxRows
 
 T = TypeVar("T")
@@ -26,7 +27,7 @@ T = TypeVar("T")
 CHANGE_POLL = 0.25
 
 
-class _Rows(BatchRows, EventRows, OutboxRows):
+class _Rows(BatchRows, EventRows, OutboxRows, LeaseRows):
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
@@ -166,6 +167,17 @@ class SqliteStore:
 
     async def outbox_stats(self) -> dict[str, dict[str, Any]]:
         return await self._call(self._r.outbox_stats)
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    async def acquire_leases(self, holder: str, sources: Sequence[str], now: float, ttl: float) -> list[str]:
+        return await self._call(self._r.acquire_leases, holder, list(sources), now, ttl)
+
+    async def release_leases(self, holder: str, sources: Sequence[str] | None = None) -> None:
+        await self._call(self._r.release_leases, holder, None if sources is None else list(sources))
+
+    async def leases(self) -> dict[str, tuple[str, float]]:
+        return await self._call(self._r.leases)
 
 
 __all__ = ["SqliteStore"]
