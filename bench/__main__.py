@@ -16,12 +16,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench import api_economy, cpu, delivery, memory, startup
+from bench import api_economy, cpu, delivery, latency, memory, startup
 from bench.common import ROOT, Row, Section, machine
 
 #: Each module has a docstring saying what it measures and `run(ctx) -> Section`; `ctx` carries figures
 #: one benchmark hands to a later one (the SDK loop's peak RSS, for the memory row).
 BENCHMARKS: dict[str, ModuleType] = {
+    "latency": latency,
     "api": api_economy,
     "cpu": cpu,
     "memory": memory,

@@ -7,19 +7,26 @@ that hold them: ceil(N/100). The first refresh (first sight: no `created_at` kno
 from steady-state refreshes (the median of three). A fourth case tracks 1,000 batches spread among the
 newest 10,000, where the floor is the pages down to the oldest tracked one.
 
+Steady state on the daemon's own schedule (no forced refresh): for N = 1,000, 10,000 and 100,000 the
+daemon runs with a `[poll] latency` and request rate chosen so that its derived walk period is 2 s,
+30 s and 30 s; after first sight and two walks to settle, four walks are measured: the requests the
+simulator received per walk (target ≤ 1.1 x ceil(N/100)) and each period between two refreshes of
+the oldest batch (its last page), worst against the walk period (target ≤ 1.1 x).
+
 Requests are counted by the simulator (what the API received), in this process: only counts matter here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, Section, devnull_logging, fmt, median, poller_config, quick, ratio, workdir
+from bench.common import Row, Section, devnull_logging, fmt, median, poller_config, quick, ratio, until, workdir
 from bench.driver import DaemonDriver, Refresh, pre_track
 from bench.simproc import steady_sim
 from poller.sim import OpenAISim, serve
@@ -77,6 +84,82 @@ async def _measure(case: Case, reps: int) -> Outcome:
                     steady.append(await driver.full_refresh())
                     steady_seen.append(_seen(sim))
     return Outcome(case, len(tracked), floor, first, first_seen, steady, steady_seen)
+
+
+#: Steady state on the daemon's own schedule: (N, `[poll] latency`, requests per second). The walk
+#: period the daemon derives (`schedule.walk_period`) is the interval the oldest batch is held to.
+STEADY_CASES = ((1_000, 1.0, 10.0), (10_000, 10.0, 10.0), (100_000, 7.5, 100.0))
+QUICK_STEADY_CASES = ((1_000, 1.0, 10.0),)
+#: Walks measured after two to settle.
+WALKS = 4
+
+
+@dataclass(frozen=True)
+class SteadyOutcome:
+    n: int
+    floor: int
+    period: float
+    walks: int
+    requests: int
+    oldest_periods: list[float]
+    first_sight: float
+
+    @property
+    def per_walk(self) -> float:
+        return self.requests / max(self.walks, 1)
+
+
+async def _steady(n: int, latency: float, rate: float) -> SteadyOutcome:
+    """A running daemon on its own schedule: requests per walk period and the oldest batch's period."""
+    sim, ids = steady_sim(n)
+    oldest = sim.book.newest_first()[-1].id
+    with workdir("api-steady") as tmp:
+        async with serve(sim) as url:
+            state = tmp / "state.db"
+            await pre_track(state, ids)
+            hour = "1h"
+            raw = poller_config(
+                url,
+                state,
+                log_level="warning",
+                latency=f"{latency}s",
+                validating=hour,
+                in_progress=hour,
+                finalizing=hour,
+                cancelling=hour,
+                max_interval=hour,
+                max_requests_per_second=rate,
+            )
+            started = time.perf_counter()
+            async with DaemonDriver(raw) as driver:
+                await driver.first_refresh()
+                tracker = driver.runner.tracker
+                await until(lambda: all(b.created_at is not None for b in tracker.active()))
+                first_sight = time.perf_counter() - started
+                walks: list[float] = []
+                seen_oldest: list[float] = []
+                learn, observe = tracker.learn_walk, tracker.observe
+
+                def learned(marks: list[int], items: int, tracked_seen: int) -> None:
+                    walks.append(time.perf_counter())
+                    learn(marks, items, tracked_seen)
+
+                def observed(snap: Any, body: str, now: float, *, listed: bool = False) -> Any:
+                    if snap.id == oldest:
+                        seen_oldest.append(time.perf_counter())
+                    return observe(snap, body, now, listed=listed)
+
+                tracker.learn_walk = learned  # type: ignore[method-assign]
+                tracker.observe = observed  # type: ignore[method-assign]
+                await until(lambda: len(walks) >= 2)
+                sim.stats.reset()
+                mark, oldest_mark = len(walks), len(seen_oldest)
+                await until(lambda: len(walks) >= mark + WALKS)
+                requests = sim.stats.list + sim.stats.retrieve
+                period = tracker.period
+    times = seen_oldest[max(oldest_mark - 1, 0) :]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return SteadyOutcome(n, math.ceil(n / PAGE), period, WALKS, requests, gaps, first_sight)
 
 
 def _config(url: str, state: Path) -> dict[str, Any]:
@@ -137,6 +220,37 @@ async def _run(small: bool) -> Section:
             f"{', '.join(_split(s) for s in out.steady_seen)} (median wall {steady_wall:.2f} s, in-process "
             f"simulator); batches left due after a refresh: {max(s.missed for s in out.steady)}; "
             f"measured in {time.perf_counter() - started:.0f} s."
+        )
+    for n, latency, rate in QUICK_STEADY_CASES if small else STEADY_CASES:
+        started = time.perf_counter()
+        steady = await _steady(n, latency, rate)
+        per_walk = steady.per_walk
+        section.rows.append(
+            Row(
+                f"Requests per walk period on the daemon's own schedule, N = {n:,}",
+                f"{fmt(per_walk, 1)}",
+                f"floor {steady.floor:,}",
+                f"{ratio(per_walk, steady.floor)}x floor",
+                "≤ 1.1x floor",
+                per_walk <= 1.1 * steady.floor,
+            )
+        )
+        worst = max(steady.oldest_periods, default=math.inf)
+        section.rows.append(
+            Row(
+                f"Refresh period of the oldest batch, N = {n:,}",
+                f"{fmt(median(steady.oldest_periods))} s (worst {fmt(worst)} s)",
+                f"interval {fmt(steady.period)} s",
+                f"{ratio(worst, steady.period)}x interval",
+                "≤ 1.1x interval",
+                worst <= 1.1 * steady.period,
+            )
+        )
+        section.notes.append(
+            f"Steady state, N = {n:,}: latency {latency:g} s at {rate:g} requests/s gives a walk period of "
+            f"{fmt(steady.period)} s; {steady.requests:,} requests over {steady.walks} walks (after two to "
+            f"settle); the oldest batch's periods {', '.join(fmt(g) for g in steady.oldest_periods)} s; "
+            f"first sight {steady.first_sight:.1f} s; measured in {time.perf_counter() - started:.0f} s."
         )
     return section
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -358,3 +358,13 @@ async def timeout_guard(seconds: float, what: str) -> AsyncIterator[None]:
             yield
     except TimeoutError:
         raise RuntimeError(f"{what} did not finish within {seconds:g}s") from None
+
+
+async def until(condition: Callable[[], bool], *, within: float = math.inf, every: float = 0.02) -> bool:
+    """Poll `condition` (state another task changes) until it holds; False if `within` seconds passed first."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(every)
+    return True

@@ -8,7 +8,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from poller.domain.schedule import Intervals, Pacer, error_delay, full_jitter, parse_retry_after
+from poller.domain.schedule import (
+    Intervals,
+    Pacer,
+    error_delay,
+    full_jitter,
+    parse_retry_after,
+    retrieve_delay,
+    walk_period,
+)
 
 BASE = {"validating": 10.0, "in_progress": 30.0, "finalizing": 5.0}
 INTERVALS = Intervals(base=BASE, growth=1.5, max_interval=300.0, default=20.0)
@@ -263,3 +271,49 @@ def test_pacer_a_burst_of_429s_without_retry_after_halves_once() -> None:
     for i in range(8):  # eight requests in flight together all come back 429
         pacer.penalize(100.0 + i * 0.01, None)
     assert pacer.rate == 5.0
+
+
+# -- the latency target: walks of the pages holding active batches -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("latency", "pages", "rate", "cap", "expected"),
+    [
+        pytest.param(15.0, 1, 10.0, 300.0, 15.0, id="one-page"),
+        pytest.param(15.0, 0, 10.0, 300.0, 15.0, id="no-pages-yet"),
+        pytest.param(15.0, 10, 10.0, 300.0, 30.0, id="ten-pages-two-latencies"),
+        pytest.param(15.0, 100, 10.0, 300.0, 45.0, id="hundred-pages"),
+        pytest.param(15.0, 1000, 10.0, 300.0, 125.0, id="rate-bound-1000-pages-at-80-percent-of-10-per-s"),
+        pytest.param(200.0, 10, 10.0, 300.0, 300.0, id="capped-by-max-interval"),
+        pytest.param(600.0, 1, 10.0, 300.0, 300.0, id="max-interval-is-an-upper-bound"),
+        pytest.param(1.0, 10, 10.0, 300.0, 2.0, id="fast"),
+        pytest.param(1.0, 100, 10.0, 300.0, 12.5, id="fast-but-rate-bound"),
+    ],
+)
+def test_walk_period(latency: float, pages: int, rate: float, cap: float, expected: float) -> None:
+    assert walk_period(latency, pages, rate, cap=cap) == pytest.approx(expected)
+
+
+def test_walk_period_requests_per_hour_at_the_default_target() -> None:
+    """The README table: one walk of `pages` pages per period."""
+    per_hour = {pages: 3600 * pages / walk_period(15.0, pages, 10.0, cap=300.0) for pages in (1, 10, 100)}
+    assert per_hour == pytest.approx({1: 240.0, 10: 1200.0, 100: 8000.0})
+
+
+@pytest.mark.parametrize(
+    ("base", "eta", "expires_in", "expected"),
+    [
+        pytest.param(30.0, None, None, 30.0, id="no-estimate"),
+        pytest.param(30.0, 12.0, None, 12.0, id="due-at-its-estimated-completion"),
+        pytest.param(30.0, 1.0, None, 5.0, id="near-completion-every-floor"),
+        pytest.param(30.0, 200.0, None, 100.0, id="far-half-the-distance"),
+        pytest.param(30.0, 10_000.0, None, 300.0, id="far-capped"),
+        pytest.param(30.0, None, 20.0, 21.0, id="just-after-expiry"),
+        pytest.param(30.0, None, 2.0, 5.0, id="expiry-within-the-floor"),
+        pytest.param(30.0, None, -20.0, 5.0, id="just-expired-keep-the-floor"),
+        pytest.param(30.0, None, -100.0, 30.0, id="long-expired-back-to-the-interval"),
+        pytest.param(30.0, 200.0, 40.0, 41.0, id="expiry-before-the-estimate"),
+    ],
+)
+def test_retrieve_delay(base: float, eta: float | None, expires_in: float | None, expected: float) -> None:
+    assert retrieve_delay(base, floor=5.0, eta=eta, expires_in=expires_in, cap=300.0) == pytest.approx(expected)

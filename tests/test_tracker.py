@@ -52,6 +52,7 @@ def make_tracker(rand: random.Random | None = None, ids: tuple[str, ...] = ("bat
         rand=(rand or random.Random(SEED)).random,
     )
     tracker.load(TrackedBatch(source=SOURCE, id=i, origin="cli", added_at=0.0) for i in ids)
+    tracker.listable = False  # retrieve-only: paced by the per-status intervals (walks: see below)
     return tracker
 
 
@@ -411,3 +412,152 @@ def test_list_only_when_strictly_fewer_requests(count: int, expected: bool) -> N
     due = [tracker.batches[f"b{i}"] for i in range(count)]
     assert tracker.pages_needed(T0) == 10
     assert (tracker.plan_walk(due) is not None) is expected
+
+
+# -- walks: one period for every batch a walk shows ----------------------------------------------------
+
+
+def listable_tracker(n: int, latency: float = 15.0, rate: float = 10.0) -> Tracker:
+    tracker = tracker_with_created([T0 + i for i in range(n)])
+    tracker.listable, tracker.latency, tracker.rate = True, latency, rate
+    tracker.period = tracker.walk_period()
+    return tracker
+
+
+def test_every_batch_seen_in_a_walk_is_dated_from_the_walk_start() -> None:
+    tracker = listable_tracker(250)  # 3 pages
+    tracker.begin_walk(NOW)
+    assert tracker.period == pytest.approx(15.0 * (1 + math.log10(3)))
+    for i in range(250):  # pages read one after the other, later and later
+        snap = make_snapshot("in_progress", f"b{i}", created_at=T0 + i)
+        observe_listed(tracker, snap, NOW + 0.01 * (250 - i))
+    assert {b.next_due for b in tracker.active()} == {NOW + tracker.period}
+
+
+def observe_listed(tracker: Tracker, snap: Snapshot, now: float) -> Observation | None:
+    return tracker.observe(snap, dump_body(snap.raw), now, listed=True)
+
+
+def test_a_straggler_pulls_every_batch_due_before_the_next_walk_into_one_walk() -> None:
+    tracker = listable_tracker(1000)
+    for batch in tracker.active():
+        batch.next_due = NOW + 10.0  # the walk group, due in 10 s
+    tracker.batches["b999"].next_due = NOW  # one retrieved on its own, due now
+    due = tracker.due(NOW)
+    assert [b.id for b in due] == ["b999"]
+    pulled = tracker.pull_in(due, NOW)
+    assert len(pulled) == 1000
+    assert tracker.plan_walk(pulled) is not None
+
+
+def test_far_batches_are_not_pulled_in() -> None:
+    tracker = listable_tracker(10)
+    for batch in tracker.active():
+        batch.next_due = NOW + 10 * tracker.period
+    tracker.batches["b9"].next_due = NOW
+    assert [b.id for b in tracker.pull_in(tracker.due(NOW), NOW)] == ["b9"]
+
+
+def test_a_retrieved_batch_of_a_listable_source_joins_the_next_walk() -> None:
+    tracker = listable_tracker(10)
+    tracker.begin_walk(NOW)
+    snap = make_snapshot("in_progress", "b3", created_at=T0 + 3)
+    tracker.observe(snap, dump_body(snap.raw), NOW + 2, listed=False)
+    assert tracker.batches["b3"].next_due == NOW + tracker.period
+
+
+@pytest.mark.parametrize(
+    ("batches", "latency", "rate", "period"),
+    [
+        pytest.param(100, 15.0, 10.0, 15.0, id="one-page"),
+        pytest.param(1_000, 15.0, 10.0, 30.0, id="ten-pages"),
+        pytest.param(10_000, 15.0, 10.0, 45.0, id="hundred-pages"),
+        pytest.param(10_000, 15.0, 1.0, 125.0, id="rate-limited"),
+    ],
+)
+def test_walk_period_follows_the_pages_holding_active_batches(
+    batches: int, latency: float, rate: float, period: float
+) -> None:
+    tracker = listable_tracker(batches, latency, rate)
+    assert tracker.walk_period() == pytest.approx(period)
+
+
+# -- retrieve-only batches: paced by their estimated completion and expiry -----------------------------
+
+
+def counts(done: int, total: int = 100) -> dict[str, int]:
+    return {"completed": done, "failed": 0, "total": total}
+
+
+def test_a_retrieve_only_batch_far_from_completion_is_polled_less_often() -> None:
+    tracker = make_tracker()
+    observe(tracker, make_snapshot("in_progress", request_counts=counts(0, 1000)), NOW)
+    observe(tracker, make_snapshot("in_progress", request_counts=counts(10, 1000)), NOW + 30)
+    delay = tracker.batches["batch_a"].next_due - (NOW + 30)
+    assert delay > BASE["in_progress"]  # ~2,970 s to go: half of it, capped at max_interval
+    assert delay <= 300.0
+
+
+def test_a_retrieve_only_batch_is_polled_at_its_estimated_completion() -> None:
+    tracker = make_tracker()
+    tracker.latency = 2.0
+    observe(tracker, make_snapshot("in_progress", request_counts=counts(0)), NOW)
+    observe(tracker, make_snapshot("in_progress", request_counts=counts(90)), NOW + 90)
+    delay = tracker.batches["batch_a"].next_due - (NOW + 90)
+    assert 2.0 <= delay < BASE["in_progress"]  # ~10 s to go at 1 request/s
+
+
+def test_a_retrieve_only_batch_is_polled_right_after_it_expires() -> None:
+    tracker = make_tracker()
+    snap = make_snapshot("in_progress", request_counts=counts(1), expires_at=int(NOW) + 5)
+    observe(tracker, snap, NOW)
+    assert tracker.batches["batch_a"].next_due == pytest.approx(NOW + 15.0)  # max(latency, 5 + 1)
+    tracker.latency = 1.0
+    observe(tracker, make_snapshot("in_progress", request_counts=counts(2), expires_at=int(NOW) + 5), NOW + 1)
+    assert tracker.batches["batch_a"].next_due == pytest.approx(NOW + 6.0)
+
+
+# -- the fast path: an unchanged body skips detection ---------------------------------------------------
+
+
+def test_an_unchanged_body_skips_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker = make_tracker()
+    snap = make_snapshot("in_progress", request_counts=counts(5))
+    observe(tracker, snap, NOW)
+    knowledge = tracker.batches["batch_a"].knowledge
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("detect called for an unchanged body")
+
+    monkeypatch.setattr("poller.polling.tracker.detect", boom)
+    observation = observe(tracker, snap, NOW + 30)
+    assert observation is not None
+    assert observation.row is None
+    assert observation.changes == []
+    assert tracker.batches["batch_a"].knowledge is knowledge
+
+
+def test_an_unchanged_body_still_reports_a_stall_and_expiry() -> None:
+    tracker = make_tracker()
+    snap = make_snapshot("in_progress", request_counts=counts(5), expires_at=int(NOW) + 100_000)
+    observe(tracker, snap, NOW)
+    stalled = observe(tracker, snap, NOW + Policy().stall_after)
+    assert stalled is not None
+    assert [c.type for c in stalled.changes] == ["batch.stalled"]
+    expiring = observe(tracker, snap, NOW + 100_000 - Policy().expiry_warning)
+    assert expiring is not None
+    assert [c.type for c in expiring.changes] == ["batch.expiring"]
+
+
+def test_an_unchanged_body_still_reports_progress_held_back_by_the_progress_interval() -> None:
+    tracker = make_tracker()
+    observe(tracker, make_snapshot("in_progress", request_counts=counts(1)), NOW)
+    first = observe(tracker, make_snapshot("in_progress", request_counts=counts(2)), NOW + 100)
+    assert first is not None
+    assert [c.type for c in first.changes] == ["batch.progress"]
+    held = observe(tracker, make_snapshot("in_progress", request_counts=counts(3)), NOW + 110)
+    assert held is not None
+    assert held.changes == []
+    later = observe(tracker, make_snapshot("in_progress", request_counts=counts(3)), NOW + 200)
+    assert later is not None
+    assert [c.type for c in later.changes] == ["batch.progress"]

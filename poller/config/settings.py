@@ -20,6 +20,9 @@ INTERVAL_KEYS = ("validating", "in_progress", "finalizing", "cancelling")
 
 
 class PollConfig(Section):
+    #: Detection latency target: how often the list pages holding active batches are walked (one page
+    #: every `latency`; each tenfold more pages adds one `latency`), within max_requests_per_second.
+    latency: Duration = 15.0
     validating: Duration = 10.0
     in_progress: Duration = 30.0
     finalizing: Duration = 10.0
@@ -45,7 +48,7 @@ class PollConfig(Section):
 
     @model_validator(mode="after")
     def _positive(self) -> Self:
-        for key in (*INTERVAL_KEYS, "max_interval"):
+        for key in (*INTERVAL_KEYS, "max_interval", "latency"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be longer than 0s")
         return self

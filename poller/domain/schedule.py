@@ -31,6 +31,41 @@ class Intervals:
         return min(max(previous * self.growth, base), self.max_interval)
 
 
+#: The share of the request budget a list walk may plan on; discovery, retrieves and retries use the rest.
+WALK_SHARE = 0.8
+
+
+def walk_period(latency: float, pages: int, rate: float, *, cap: float) -> float:
+    """Seconds from the start of one walk of the `pages` list pages holding active batches to the next.
+
+    One page is walked every `latency` seconds; each tenfold more pages adds one `latency` (so 10 pages
+    cost 2 x latency, 100 pages 3 x latency): detection latency grows slowly while requests per hour
+    grow less than linearly with the fleet. `cap` (the longest poll interval) is an upper bound; a walk
+    never plans on more than WALK_SHARE of `rate` (requests per second), whatever the latency asks.
+    """
+    pages = max(pages, 1)
+    wanted = min(latency * (1.0 + math.log10(pages)), cap)
+    return max(wanted, pages / (rate * WALK_SHARE))
+
+
+def retrieve_delay(
+    base: float, *, floor: float, eta: float | None = None, expires_in: float | None = None, cap: float = math.inf
+) -> float:
+    """Delay to the next retrieve of a batch no list page refreshes, spending requests where they matter.
+
+    `base` is the per-status interval (grown while nothing changes). With an estimated completion `eta`
+    (seconds from now), a batch is polled right when it should finish and every `floor` seconds (the
+    latency target) once that is near; far from it, at half the distance left, up to `cap`. A batch that
+    expires within the delay is polled just after `expires_in` (and for a while after, every `floor`).
+    """
+    delay = base
+    if eta is not None:
+        delay = max(floor, eta) if eta <= base else min(max(base, eta / 2.0), max(cap, base))
+    if expires_in is not None and expires_in > -10.0 * floor:
+        delay = min(delay, max(floor, expires_in + 1.0))
+    return delay
+
+
 def full_jitter(streak: int, base: float, cap: float, rand: Rand) -> float:
     """AWS-style full jitter: uniform in [0, min(cap, base * 2**(streak-1))] for the streak-th error."""
     ceiling = min(cap, base * 2.0 ** max(streak - 1, 0))

@@ -165,6 +165,27 @@ def detect(known: Knowledge, snap: Snapshot, now: float, policy: Policy) -> Dete
     return Detection(replace(new, sequence=emit.sequence), emit.changes)
 
 
+def quiet(known: Knowledge, snap: Snapshot, now: float, policy: Policy) -> bool:
+    """Whether `detect(known, snap, now, policy)` would change nothing: the fast path for a batch whose
+    body equals the one `known` was formed from (most batches on most polls). False whenever unsure.
+    """
+    status, counts = snap.status, known.counts
+    if status is None or status != known.status or snap.counts != counts or known.counts_changed_at is None:
+        return False
+    if is_final(status):
+        return True
+    pending = known.progress_counts
+    progress_due = known.progress_at is None or now - known.progress_at >= policy.progress_interval
+    if policy.progress and counts is not None and pending is not None and pending != counts and progress_due:
+        return False
+    stall_due = now - known.counts_changed_at >= policy.stall_after
+    if status == "in_progress" and counts is not None and known.stalled_at_counts != counts and stall_due:
+        return False
+    expires_at = snap.expires_at
+    expiry_due = expires_at is not None and expires_at - now <= policy.expiry_warning
+    return not (status in EXPIRY_WATCHED and not known.expiring_sent and expiry_due)
+
+
 def pruned(known: Knowledge, now: float) -> tuple[Knowledge, Change]:
     """The internal change that tells sinks a batch left tracking (MQTT clears its retained state)."""
     seq = known.sequence + 1

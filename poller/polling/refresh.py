@@ -77,9 +77,16 @@ class Refresher:
             ctx.tracker.defer_all(ctx.clock() + pause)
             return
         outcomes = _Outcomes()
-        remaining = {b.id for b in due}
         listable = ctx.api.capabilities.can_list and not ctx.health.list_unavailable
-        plan = ctx.tracker.plan_walk(due) if listable else None
+        ctx.tracker.listable = listable
+        plan = None
+        if listable:
+            now = ctx.clock()
+            due = ctx.tracker.pull_in(due, now)
+            plan = ctx.tracker.plan_walk(due)
+            if plan is not None:
+                ctx.tracker.begin_walk(now)
+        remaining = {b.id for b in due}
         if plan is not None:
             remaining = await self._walk(remaining, plan[0], plan[1], outcomes)
         if remaining:
@@ -96,7 +103,7 @@ class Refresher:
             return
         outcomes.ok += 1
         self.ctx.health.ok(self.ctx.clock())
-        await self.apply([snap])
+        await self.apply([snap], listed=False)
 
     async def _walk(self, targets: set[str], stop_before: int | None, max_pages: int, outcomes: _Outcomes) -> set[str]:
         """Walk list pages newest first, applying every tracked batch seen; returns the targets not seen.
@@ -154,26 +161,39 @@ class Refresher:
 
     # -- applying what came back -------------------------------------------------------------------
 
-    async def apply(self, snapshots: Iterable[Snapshot]) -> None:
-        """Detect transitions in fetched snapshots and record them, in one transaction per call."""
+    async def apply(self, snapshots: Iterable[Snapshot], *, listed: bool = True) -> None:
+        """Detect transitions in fetched snapshots and record them, in one transaction per call.
+
+        `listed`: the snapshots come from a list page (the next walk refreshes them).
+        """
         ctx = self.ctx
         now = ctx.clock()
         observations: list[Observation] = []
+        ok = 0
+        tracked = ctx.tracker.batches
         for snap in snapshots:
+            if snap.id not in tracked:
+                continue  # an untracked batch on the page: not worth serializing its body
             try:
-                obs = ctx.tracker.observe(snap, dump_body(snap.raw), now)
+                obs = ctx.tracker.observe(snap, dump_body(snap.raw), now, listed=listed)
             except Exception:  # one batch must never stop the others: count it, log it, go on
                 ctx.metrics.bad_response("unprocessable")
                 log.exception("a batch could not be processed; skipped", source=ctx.name, batch_id=snap.id)
                 continue
             if obs is None:
                 continue
-            ctx.metrics.poll("ok" if obs.warning is None else "ignored")
-            if obs.warning is not None:
+            if obs.warning is None:
+                ok += 1
+                if obs.row is None:
+                    continue  # nothing to record
+            else:
+                ctx.metrics.poll("ignored")
                 reason = "unknown_status" if obs.warning.startswith("unknown status") else "backwards_status"
                 ctx.metrics.bad_response(reason)
                 ctx.health.warn_once(snap.id, obs.warning, batch_id=snap.id, status=snap.provider_status)
             observations.append(obs)
+        if ok:
+            ctx.metrics.poll("ok", ok)  # one label lookup per call, not one per batch
         recorded = await ctx.recorder.record(ctx.name, ctx.provider_name, observations, now)
         for _, batch_id in recorded.conflicts:
             # Another writer recorded this batch first (a replica overlapping briefly): take its row.

@@ -75,7 +75,15 @@ class SourceRunner:
         self.source_metrics = metrics.source(self.name)
         self.pacer = Pacer(self._rate())
         intervals, policy, backoff = tracker_settings(poll)
-        self.tracker = Tracker(self.name, intervals=intervals, policy=policy, backoff=backoff, rand=rand)
+        self.tracker = Tracker(
+            self.name,
+            intervals=intervals,
+            policy=policy,
+            backoff=backoff,
+            rand=rand,
+            latency=poll.latency,
+            rate=self._rate(),
+        )
         self.health = SourceHealth(self.name, self.source_metrics, started_at=clock())
         self.ctx = SourceContext(
             self.name,
@@ -223,6 +231,8 @@ class SourceRunner:
         old, self.config, self.poll = self.config, config, poll
         intervals, policy, backoff = tracker_settings(poll)
         self.tracker.intervals, self.tracker.policy, self.tracker.backoff = intervals, policy, backoff
+        self.tracker.latency, self.tracker.rate = poll.latency, self._rate()
+        self.tracker.period = self.tracker.walk_period()
         self.ctx.auth_backoff = poll.auth_backoff
         self.discovery.config, self.discovery.interval, self.discovery.next_at = config, poll.discover_interval, 0.0
         self.pacer.configure(self._rate())

@@ -12,10 +12,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from poller.domain.eta import ProgressWindow
 from poller.domain.lifecycle import is_final
-from poller.domain.schedule import Intervals, Rand, error_delay
+from poller.domain.schedule import Intervals, Rand, error_delay, retrieve_delay, walk_period
 from poller.domain.snapshot import Snapshot
-from poller.domain.transitions import Change, Policy, detect
+from poller.domain.transitions import Change, Policy, detect, quiet
 from poller.errors import ApiError
 from poller.store.base import ACTIVE, FINAL, GONE, TrackedBatch
 
@@ -47,9 +48,29 @@ class Tracker:
     """Tracked batches of one source, their schedules and detection state."""
 
     def __init__(
-        self, source: str, *, intervals: Intervals, policy: Policy, backoff: Backoff, rand: Rand, page_size: int = 100
+        self,
+        source: str,
+        *,
+        intervals: Intervals,
+        policy: Policy,
+        backoff: Backoff,
+        rand: Rand,
+        page_size: int = 100,
+        latency: float = 15.0,
+        rate: float = 10.0,
     ) -> None:
         self.source = source
+        #: The latency target (`[poll] latency`) and the request budget (requests per second).
+        self.latency = latency
+        self.rate = rate
+        #: Whether list pages refresh this source's batches (else one retrieve each, paced by ETA).
+        self.listable = True
+        #: When the next walk of the list pages holding active batches starts (-inf before the first).
+        self.next_walk = -math.inf
+        #: Seconds between walks, from the latency target and the pages the last walk needed.
+        self.period = latency
+        #: Request-count samples of batches refreshed only by retrieve, for their estimated completion.
+        self.progress: dict[str, ProgressWindow] = {}
         self.intervals = intervals
         self.policy = policy
         self.backoff = backoff
@@ -72,6 +93,7 @@ class Tracker:
             known = self.batches.get(row.id)
             fresh[row.id] = known if known is not None and known.state == row.state else row
         self.batches = fresh
+        self.period = self.walk_period()
 
     def add(self, row: TrackedBatch) -> None:
         row.raw = None  # the poll loop keeps only the fingerprint
@@ -79,6 +101,7 @@ class Tracker:
 
     def forget(self, batch_id: str) -> None:
         self.batches.pop(batch_id, None)
+        self.progress.pop(batch_id, None)
 
     def active(self) -> list[TrackedBatch]:
         return [b for b in self.batches.values() if b.state == ACTIVE]
@@ -104,34 +127,66 @@ class Tracker:
 
     # -- outcomes ----------------------------------------------------------------------------------
 
-    def observe(self, snap: Snapshot, body: str, now: float) -> Observation | None:
-        """Apply a fetched snapshot; None if the batch is not tracked (or no longer active)."""
+    def observe(self, snap: Snapshot, body: str, now: float, *, listed: bool = False) -> Observation | None:
+        """Apply a fetched snapshot; None if the batch is not tracked (or no longer active).
+
+        `listed` says a list page showed it: its next refresh is the next walk. A retrieved batch of a
+        source whose list refreshes it joins that walk too; otherwise it is paced by its status interval
+        and its estimated completion.
+        """
         tracked = self.batches.get(snap.id)
         if tracked is None or tracked.state != ACTIVE:
             return None
-        expected = tracked.knowledge.sequence
-        detection = detect(tracked.knowledge, snap, now, self.policy)
         fingerprint = hash(body)
         changed = fingerprint != tracked.fingerprint
-        status = detection.knowledge.status or snap.status or "validating"
         was_erroring = tracked.error_streak > 0 or tracked.not_found > 0
+        if not changed and not was_erroring and quiet(tracked.knowledge, snap, now, self.policy):
+            # The fast path: the same body as last time, and no time-based signal due.
+            status = tracked.knowledge.status or "validating"
+            tracked.interval = self.intervals.next(status, tracked.interval, changed=False)
+            tracked.next_due = self._next_due(tracked, snap, now, listed)
+            return Observation(snap, None)
+        expected = tracked.knowledge.sequence
+        detection = detect(tracked.knowledge, snap, now, self.policy)
+        status = detection.knowledge.status or snap.status or "validating"
         tracked.error_streak = tracked.not_found = 0
         tracked.interval = self.intervals.next(status, tracked.interval, changed=changed)
-        tracked.next_due = now + tracked.interval
         if detection.warning:
+            tracked.next_due = self._next_due(tracked, snap, now, listed)
             return Observation(snap, None, warning=detection.warning)
         tracked.knowledge = detection.knowledge
         tracked.fingerprint = fingerprint
         tracked.created_at = snap.created_at
+        tracked.next_due = self._next_due(tracked, snap, now, listed)
         if changed or detection.changes:
             tracked.updated_at = now
         if is_final(status):
             tracked.state, tracked.finished_at, tracked.next_due = FINAL, now, math.inf
+            self.progress.pop(tracked.id, None)
         if not (changed or detection.changes or was_erroring):
             return Observation(snap, None)
         return Observation(
             snap, replace(tracked), detection.changes, body if changed else None, expected_sequence=expected
         )
+
+    def _next_due(self, tracked: TrackedBatch, snap: Snapshot, now: float, listed: bool) -> float:
+        if listed or self.listable:
+            # Dated from the walk, not from the page: every batch of one walk is due at the same time.
+            return self.next_walk if self.next_walk > now else now + self.period
+        interval = tracked.interval if tracked.interval is not None else self.intervals.default
+        eta = None
+        counts = snap.counts
+        if counts is not None and counts.total > 0:
+            window = self.progress.get(tracked.id)
+            if window is None:
+                window = self.progress[tracked.id] = ProgressWindow()
+            window.add(now, counts.finished, counts.total)
+            eta = window.eta(now)
+        expires_in = None if snap.expires_at is None else snap.expires_at - now
+        delay = retrieve_delay(
+            interval, floor=self.latency, eta=eta, expires_in=expires_in, cap=self.intervals.max_interval
+        )
+        return now + delay
 
     def failed(self, batch_id: str, error: ApiError, now: float, *, counts_as_gone: bool) -> TrackedBatch | None:
         """Apply a failed retrieve; returns a copy of the row to write when the batch is now marked gone.
@@ -184,6 +239,30 @@ class Tracker:
         if placed:
             budget = max(budget, self.pages_needed(min(placed)))
         return (None, budget) if 2 * budget <= count else None
+
+    def walk_period(self) -> float:
+        """Seconds between walks of the pages that hold the active batches (`schedule.walk_period`)."""
+        placed = [b.created_at for b in self.batches.values() if b.state == ACTIVE and b.created_at is not None]
+        unplaced = sum(1 for b in self.batches.values() if b.state == ACTIVE and b.created_at is None)
+        pages = self.pages_needed(min(placed)) if placed else 0
+        pages = max(pages, math.ceil(unplaced * self.density / self.page_size), 1)
+        return walk_period(self.latency, pages, self.rate, cap=self.intervals.max_interval)
+
+    def begin_walk(self, start: float) -> None:
+        """A walk of the active pages starts: every batch it shows is next due one period from `start`."""
+        self.period = self.walk_period()
+        self.next_walk = start + self.period
+
+    def pull_in(self, due: Sequence[TrackedBatch], now: float) -> list[TrackedBatch]:
+        """`due` and every active batch due before the next walk would come: one walk serves them all,
+        so due times never stagger page by page (a walk per straggler would cascade).
+        """
+        horizon = now + self.period
+        pulled = [b for b in self.batches.values() if b.state == ACTIVE and b.next_due <= horizon]
+        if len(pulled) <= len(due):
+            return list(due)
+        pulled.sort(key=lambda b: b.next_due)
+        return pulled
 
     def learn_walk(self, marks: list[int], items: int, tracked_seen: int) -> None:
         """Remember the shape of the last walk, so the next plan estimates pages better."""
