@@ -11,7 +11,11 @@ returned); throughput is events / (last acknowledgement - first detection).
 The alternative publishes the same 5,000 payloads with no outbox, from a process of its own: raw aiomqtt
 (the same two QoS 1 messages per event, without the sink's MQTT 5 user properties, as many in flight as
 the sink allows) and raw aiohttp POSTs (unsigned, as many concurrent as the sink allows). All payloads are ready when its clock starts, so its latency is
-from that start. Target: outbox throughput ≥ 0.5 of raw MQTT.
+from that start. Target: outbox throughput ≥ 0.6 of raw MQTT and of raw aiohttp.
+
+First sight of 100,000 batches: a real `batch-poller run` sees 100,000 validating batches (1,000 list
+pages) and delivers every event to a file sink (each write fsynced before it is acknowledged); the figure
+is from just before the process is spawned to the last acknowledgement. Target: ≤ 60 s.
 """
 
 from __future__ import annotations
@@ -53,8 +57,13 @@ EVENTS = 5_000
 REPS = 3
 #: `--quick`: events in the burst (batches in the simulator).
 QUICK_EVENTS = 200
-TARGET = 0.5
+TARGET = 0.6
 TIMEOUT = 240.0
+#: First sight of this many batches, every event to a file sink; target: all delivered this soon after start.
+FIRST_SIGHT = 100_000
+QUICK_FIRST_SIGHT = 1_000
+FIRST_SIGHT_TARGET = 60.0
+FIRST_SIGHT_TIMEOUT = 600.0
 SECRET_ENV = "BENCH_WEBHOOK_SECRET"
 MQTT_IN_FLIGHT = 16  # MqttSinkConfig.max_in_flight default
 WEBHOOK_IN_FLIGHT = 4  # WebhookSinkConfig.max_concurrency default
@@ -94,7 +103,9 @@ def _payloads(db: Path, out: Path) -> None:
     out.write_text("\n".join(r[0] for r in rows) + "\n")
 
 
-def _poller_burst(tmp: Path, sim_url: str, ids: list[str], sink: dict[str, Any], rep: int) -> dict[str, Any]:
+def _poller_burst(
+    tmp: Path, sim_url: str, ids: list[str], sink: dict[str, Any], rep: int, timeout: float = TIMEOUT
+) -> dict[str, Any]:
     """Run `batch-poller run` until the sink acknowledged every first-sight event; the figures from its state."""
     from bench.driver import pre_track_sync  # noqa: PLC0415
 
@@ -121,6 +132,7 @@ def _poller_burst(tmp: Path, sim_url: str, ids: list[str], sink: dict[str, Any],
         daemon_command(config), cwd=ROOT, env=child_env({SECRET_ENV: secret}), stdout=log, stderr=log
     )
     log.close()
+    spawned = time.time()
     started = time.monotonic()
     try:
         while True:
@@ -128,13 +140,13 @@ def _poller_burst(tmp: Path, sim_url: str, ids: list[str], sink: dict[str, Any],
             if proc.poll() is not None:
                 raise RuntimeError(f"batch-poller exited with {proc.returncode}:\n{log_tail(run_dir / 'daemon.log')}")
             seen, waiting = _progress(state, name) if state.exists() else (0, 1)
-            if (seen >= len(ids) and not waiting) or time.monotonic() - started > TIMEOUT:
+            if (seen >= len(ids) and not waiting) or time.monotonic() - started > timeout:
                 break
     finally:
         stop_process(proc)
     pairs = _delivered(state, name)
     if not pairs:
-        raise RuntimeError(f"nothing was delivered to {name} within {TIMEOUT:g}s:\n{log_tail(run_dir / 'daemon.log')}")
+        raise RuntimeError(f"nothing was delivered to {name} within {timeout:g}s:\n{log_tail(run_dir / 'daemon.log')}")
     if name == "mqtt" and rep == 0:
         _payloads(state, tmp / "payloads.jsonl")
     first = min(d for d, _ in pairs)
@@ -147,8 +159,16 @@ def _poller_burst(tmp: Path, sim_url: str, ids: list[str], sink: dict[str, Any],
         "p99": percentile(latencies, 99),
         "detect_span": max(d for d, _ in pairs) - first,
         "span": last - first,
+        "from_start": last - spawned,
         "complete": len(pairs) >= len(ids) and not _progress(state, name)[1],
     }
+
+
+def first_sight(batches: int) -> dict[str, Any]:
+    """A daemon's first sight of `batches` validating batches, every event to a file sink (fsync per write)."""
+    with workdir("first-sight") as tmp, sim_process(batches, tmp, phase="validating") as sim:
+        sink = {"kind": "file", "name": "file", "path": str(tmp / "events.jsonl")}
+        return _poller_burst(tmp, sim.url, sim.ids, sink, 0, timeout=FIRST_SIGHT_TIMEOUT)
 
 
 def outbox_bookkeeping(tmp: Path, queued: int, samples: int = 50) -> float:
@@ -209,9 +229,11 @@ def run(ctx: dict[str, Any]) -> Section:
             [run_json_child("bench.delivery", "raw-webhook", hook_url, payloads) for _ in range(reps)]
         )
         bookkeeping = {n: outbox_bookkeeping(tmp, n) for n in (events, 100)}
+    sight_n = QUICK_FIRST_SIGHT if quick(ctx) else FIRST_SIGHT
+    sight = first_sight(sight_n)
     for label, ours, raw, target in (
         ("MQTT (PUBACK)", mqtt, raw_mqtt, True),
-        ("webhook (2xx)", hook, raw_hook, False),
+        ("webhook (2xx)", hook, raw_hook, True),
     ):
         r = ours["throughput"] / raw["throughput"]
         partial = "" if ours["complete"] else f" (only {ours['events']:,} within {TIMEOUT:g} s)"
@@ -256,15 +278,37 @@ def run(ctx: dict[str, Any]) -> Section:
     )
     ceiling = mqtt["events"] / mqtt["detect_span"] if mqtt["detect_span"] > 0 else float("inf")
     section.notes.append(
-        "What limits it (profiled with pyinstrument, in the daemon process): the measured window starts at the "
-        f"first detection, so it contains the detection of all {events:,} batches too (parsing each Batch with "
-        "pydantic, detecting, writing batch rows, events and outbox rows), which runs in the same process "
-        f"and on its own caps the figure at about {ceiling:,.0f} events/s here. Of the rest, about a third "
-        "is aiomqtt/paho (the same as for the raw client), then building MQTT 5 properties (paho validates "
-        "each attribute set), rendering the state document, and the outbox bookkeeping. Fixed after the "
-        "first profile: the heads index did not cover the sort (64 % of samples, now an index scan), each "
-        "acknowledgement had its own transaction (now one per wake), and the event and state were published "
-        "one after the other (now together)."
+        "What limits it (profiled with pyinstrument in the daemon process; `python -m pyinstrument -m "
+        "poller.cli run ...`): the measured window starts at the first detection, so it contains the "
+        f"detection of all {events:,} batches (pydantic parsing, detection, the recorder's log line per event, "
+        "the SQLite writes of batch rows, events and outbox rows), and detection runs on the same event loop "
+        f"as delivery: here it spanned {mqtt['detect_span']:.2f} s, capping the figure at about "
+        f"{ceiling:,.0f} events/s whatever delivery does. Delivery now keeps pace with detection (the last "
+        f"acknowledgement came {mqtt['span'] - mqtt['detect_span']:.2f} s after the last detection): new "
+        "outbox heads are handed to the worker in memory (`Recorded.heads`, no read-back), acknowledgements "
+        "are recorded in one transaction per wake while the next sends go out, and MQTT 5 properties are "
+        "packed once per event (they were packed by paho per message and per resend, 12 % of samples). Of "
+        "the loop's time, aiomqtt/paho (PUBACK decoding, publishing) is the largest share, the same as for "
+        "the raw client; detection is the next. Reaching 0.6 needs detection and delivery on different cores "
+        "(a delivery process of its own), which this change does not do."
+    )
+    section.rows.append(
+        Row(
+            f"First sight of {sight_n:,} batches: every event delivered to a file sink",
+            f"{sight['from_start']:.1f} s after start"
+            + ("" if sight["complete"] else f" (only {sight['events']:,} within {FIRST_SIGHT_TIMEOUT:g} s)"),
+            "",
+            "",
+            f"≤ {FIRST_SIGHT_TARGET:g} s",
+            sight["complete"] and sight["from_start"] <= FIRST_SIGHT_TARGET,
+        )
+    )
+    section.notes.append(
+        f"First sight of {sight_n:,}: {sight['events']:,} events delivered; detection spanned "
+        f"{sight['detect_span']:.1f} s ({math.ceil(sight_n / 100):,} list pages), the last acknowledgement "
+        f"came {sight['span']:.1f} s after the first detection, p50 / p99 detection to acknowledgement "
+        f"{sight['p50'] * 1000:,.0f} / {sight['p99'] * 1000:,.0f} ms. The file sink writes every line pending "
+        "at once with one fsync (group commit); before, one fsync per event behind a lock."
     )
     return section
 

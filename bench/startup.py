@@ -1,14 +1,14 @@
 """Benchmark 5, start-up: from process start to READY=1 with a large state file.
 
 The state file is prepared beforehand through the daemon's own first sight (a source's
-`Refresher.refresh` against the simulator, into the async SQLite store): 10,000 tracked batches, still
+`Refresher.refresh` against the simulator, into the async SQLite store): 100,000 tracked batches, still
 validating, each already seen once (snapshot, detection state, schedule) as `Tracker.observe` leaves
-them, and the 10,000 events of that first sight pending in the outbox for an MQTT sink whose broker is
+them, and the 100,000 events of that first sight pending in the outbox for an MQTT sink whose broker is
 unreachable, so the rows stay pending. `batch-poller run` (HTTP service on) is started with
 NOTIFY_SOCKET pointing at a datagram socket this benchmark owns; the figure is the time from just before
 the process is spawned to the READY=1 datagram (interpreter start and imports included), the median of
 five starts. The alternative is the same start with an empty state file. The second row is when the
-first STATUS= line counting all 10,000 tracked batches arrived (every source's runner has loaded them;
+first STATUS= line counting all 100,000 tracked batches arrived (every source's runner has loaded them;
 the daemon sends READY=1 only after that, so the two nearly coincide).
 """
 
@@ -42,11 +42,11 @@ from bench.common import (
 from bench.memory import daemon_command
 from tests.helpers import write_toml  # one TOML writer for the tests and the benchmarks
 
-BATCHES = 10_000
+BATCHES = 100_000
 REPS = 5
 #: `--quick`: tracked batches in the full state file.
 QUICK_BATCHES = 200
-TARGET = 1.0
+TARGET = 2.0
 SINK = "mqtt"
 
 

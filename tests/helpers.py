@@ -112,6 +112,7 @@ def fast_sim(speed: float = 30.0, seed: int = 7, **kwargs: Any) -> OpenAISim:
 
 def config_dict(base_url: str, state: Path, sinks: list[dict[str, Any]], **poll: Any) -> dict[str, Any]:
     poll_section = {
+        "latency": "0.2s",
         "validating": "0.2s",
         "in_progress": "0.2s",
         "finalizing": "0.2s",

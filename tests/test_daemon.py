@@ -102,8 +102,8 @@ async def test_bad_responses_are_counted_and_never_become_events(tmp_path):
             for kind in ("nonjson", "unknown_status", "500"):
                 sim.inject(Fault(kind=kind, count=3))
             await eventually(lambda: not sim.faults, timeout=20)
-            polls_after = sim.stats.retrieve
-            await eventually(lambda: sim.stats.retrieve > polls_after + 3)  # still polling
+            polls_after = sim.stats.retrieve + sim.stats.list
+            await eventually(lambda: sim.stats.retrieve + sim.stats.list > polls_after + 3)  # still polling
             bad = {s.labels["reason"]: s.value for s in _samples(daemon, "batch_poller_bad_responses_total")}
         events = read_jsonl(events_file)
         assert [e["type"] for e in events] == ["batch.validating"] * 3

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 
 import structlog
@@ -28,6 +30,13 @@ log = structlog.get_logger("poller.delivery")
 
 #: Even without a wake-up, a worker looks at its queue this often (a safety net for missed wakes).
 IDLE_CHECK = 5.0
+#: While handed-over rows keep the worker busy, it still reads the outbox's due heads this often
+#: (retries and rows promoted behind delivered ones must not wait behind a stream of new events).
+CLAIM_EVERY = 0.25
+#: At most this many handed-over rows are held; beyond that, rows are read from the outbox.
+HANDED_LIMIT = 100_000
+#: How many event ids taken from the outbox are remembered against a late hand-over.
+TAKEN_MEMORY = 50_000
 
 
 class DeliveryWorker:
@@ -50,6 +59,15 @@ class DeliveryWorker:
         self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight: dict[tuple[str, str], tuple[OutboxRow, asyncio.Task[float | None]]] = {}
+        # Sent and acknowledged, not yet marked delivered: still busy, so their batch's next row waits.
+        self._acking: dict[tuple[str, str], tuple[OutboxRow, float]] = {}
+        self._ack_task: asyncio.Task[None] | None = None
+        # Heads handed over by the recorder (`offer`), sent without reading the outbox back.
+        self._handed: dict[str, OutboxRow] = {}
+        # Event ids recently taken from the outbox, so a late hand-over of the same row is not sent twice.
+        self._taken: deque[str] = deque(maxlen=TAKEN_MEMORY)
+        self._taken_ids: set[str] = set()
+        self._last_claim = -math.inf
         self.disabled = False
         self._failing = False
         self.delivered = 0
@@ -58,57 +76,125 @@ class DeliveryWorker:
     def wake(self) -> None:
         self._wake.set()
 
+    def offer(self, row: OutboxRow) -> None:
+        """A row the store just made its batch's head (due now); sent from memory, no outbox read."""
+        if row.event_id not in self._taken_ids and len(self._handed) < HANDED_LIMIT:
+            self._handed[row.event_id] = row
+        self._wake.set()
+
+    def forget_offers(self) -> None:
+        """Another process changed the outbox (e.g. `redeliver`): read heads from the store again."""
+        self._handed.clear()
+        self._wake.set()
+
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 
     async def run(self) -> None:
-        name = self.sink.name
         while not self._stopping and not self.disabled:
             self._wake.clear()
-            await self._reap()
+            self._collect()
+            self._acknowledge()
             free = self.sink.max_in_flight - len(self._in_flight)
             if free > 0:
-                for row in await self.store.claim_heads(name, self.clock(), set(self._in_flight), free):
-                    key = (row.source, row.batch_id)
-                    if key in self._in_flight:
+                for row in self._take_handed(free):
+                    self._start(row)
+                free = self.sink.max_in_flight - len(self._in_flight)
+            now = time.monotonic()
+            if free > 0 and (not self._handed or now - self._last_claim >= CLAIM_EVERY):
+                # Retries, the rows promoted behind delivered ones, anything from before this start.
+                self._last_claim = now
+                for row in await self.store.claim_heads(self.sink.name, self.clock(), self._busy(), free):
+                    if (row.source, row.batch_id) in self._busy():
                         continue
-                    task = asyncio.create_task(self._deliver(row), name=f"poller.delivery[{name}].{row.batch_id}")
-                    self._in_flight[key] = (row, task)
-                    task.add_done_callback(lambda _task: self._wake.set())
+                    self._handed.pop(row.event_id, None)
+                    self._remember(row.event_id)
+                    self._start(row)
             await self._sleep()
 
-    async def _reap(self) -> None:
-        """Record every finished send: all acknowledgements since the last look in one transaction.
+    def _busy(self) -> set[tuple[str, str]]:
+        return set(self._in_flight) | set(self._acking)
 
-        A batch stays in flight until its row is marked delivered, so its next row cannot overtake it.
-        """
+    def _take_handed(self, free: int) -> list[OutboxRow]:
+        busy = self._busy()
+        taken: list[OutboxRow] = []
+        for event_id, row in list(self._handed.items()):
+            if len(taken) >= free:
+                break
+            key = (row.source, row.batch_id)
+            if key in busy:  # another row of the batch is out: this one waits for the outbox read
+                continue
+            del self._handed[event_id]
+            busy.add(key)
+            self._remember(event_id)
+            taken.append(row)
+        return taken
+
+    def _remember(self, event_id: str) -> None:
+        if len(self._taken) == self._taken.maxlen:
+            self._taken_ids.discard(self._taken[0])
+        self._taken.append(event_id)
+        self._taken_ids.add(event_id)
+
+    def _start(self, row: OutboxRow) -> None:
+        key = (row.source, row.batch_id)
+        task = asyncio.create_task(self._deliver(row), name=f"poller.delivery[{self.sink.name}].{row.batch_id}")
+        self._in_flight[key] = (row, task)
+        task.add_done_callback(lambda _task: self._wake.set())
+
+    def _collect(self) -> None:
+        """Move finished sends out of flight; acknowledged ones wait (busy) until marked delivered."""
         finished = [(key, row, task) for key, (row, task) in self._in_flight.items() if task.done()]
-        if not finished:
-            return
-        delivered: list[tuple[OutboxRow, float]] = []
-        for _, row, task in finished:
+        for key, row, task in finished:
+            del self._in_flight[key]
             error = None if task.cancelled() else task.exception()
             if error is not None:  # _deliver catches everything; this is a bug, and the row stays queued
                 log.error("delivery task failed", sink=self.sink.name, event_id=row.event_id, exc_info=error)
             elif not task.cancelled() and (detected_at := task.result()) is not None:
-                delivered.append((row, detected_at))
-        if delivered:
+                self._acking[key] = (row, detected_at)
+
+    def _acknowledge(self) -> None:
+        """Mark every acknowledged row delivered, in one transaction, while the next sends go out."""
+        if self._ack_task is None and self._acking:
+            batch = dict(self._acking)
+            self._ack_task = asyncio.create_task(self._mark(batch), name=f"poller.delivery[{self.sink.name}].ack")
+
+    async def _mark(self, batch: dict[tuple[str, str], tuple[OutboxRow, float]]) -> None:
+        try:
+            await self.store.mark_delivered(self.sink.name, [row.event_id for row, _ in batch.values()], self.clock())
+        except Exception:  # the rows stay queued (sent again later: at least once); keep delivering
+            log.exception("recording deliveries failed", sink=self.sink.name, rows=len(batch))
+            await asyncio.sleep(1.0)
+        else:
             now = self.clock()
-            await self.store.mark_delivered(self.sink.name, [row.event_id for row, _ in delivered], now)
-            self.delivered += len(delivered)
-            self.metrics.deliveries.labels(self.sink.name, "delivered").inc(len(delivered))
+            self.delivered += len(batch)
+            self.metrics.deliveries.labels(self.sink.name, "delivered").inc(len(batch))
             latency = self.metrics.delivery_latency.labels(self.sink.name)
-            for _, detected_at in delivered:
+            for _, detected_at in batch.values():
                 latency.observe(max(now - detected_at, 0.0))
-        for key, _, _ in finished:
-            del self._in_flight[key]
+        finally:
+            for key in batch:
+                self._acking.pop(key, None)
+            self._ack_task = None
+            self._wake.set()
+
+    async def _reap(self) -> None:
+        """Record every finished send (used when stopping)."""
+        self._collect()
+        while self._ack_task is not None or self._acking:
+            if self._ack_task is None:
+                self._acknowledge()
+            if self._ack_task is not None:
+                await asyncio.wait((self._ack_task,))
 
     async def _sleep(self) -> None:
         """Until new rows, a finished send, or the next retry comes due (at most IDLE_CHECK)."""
         timeout = IDLE_CHECK
-        if len(self._in_flight) < self.sink.max_in_flight and not self._wake.is_set():
-            due = await self.store.next_ready_at(self.sink.name, set(self._in_flight))
+        if self._handed:
+            timeout = CLAIM_EVERY
+        elif len(self._in_flight) < self.sink.max_in_flight and not self._wake.is_set():
+            due = await self.store.next_ready_at(self.sink.name, self._busy())
             if due is not None:
                 timeout = min(max(due - self.clock(), 0.0), IDLE_CHECK)
         with contextlib.suppress(TimeoutError):

@@ -176,7 +176,11 @@ class Daemon:
         await runner.close()
 
     def _recorded(self, recorded: Recorded) -> None:
-        del recorded
+        workers = self.sinks.workers
+        for row in recorded.heads:  # new queue heads go to their worker in memory: no outbox read-back
+            worker = workers.get(row.sink)
+            if worker is not None:
+                worker.offer(row)
         self.sinks.wake()
 
     def _supervise(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
@@ -243,6 +247,8 @@ class Daemon:
     async def _watch_changes(self) -> None:
         """Another process wrote (the CLI tracked batches, `redeliver` re-queued rows): catch up."""
         async for _ in self.store.changes():
+            for worker in self.sinks.workers.values():
+                worker.forget_offers()  # e.g. `redeliver` put an earlier row ahead of a handed-over one
             self.sinks.wake()
             for runner in self.runners.values():
                 await runner.reload_tracked()

@@ -22,7 +22,9 @@ class FileSink:
         self.path = path
         self.max_in_flight = max_in_flight
         self._fd: int | None = None
-        self._lock = asyncio.Lock()
+        # Lines waiting for the writer, in the order `send` was called, each with its acknowledgement.
+        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._healthy = True
 
     async def __aenter__(self) -> Self:
@@ -31,6 +33,8 @@ class FileSink:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._writer is not None:
+            await asyncio.wait((self._writer,))
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -57,17 +61,37 @@ class FileSink:
             raise
 
     async def send(self, event: Event, payload: bytes) -> None:
+        """Return once the line is on disk. Concurrent sends share one write and one fsync (group commit)."""
         del event
-        async with self._lock:  # one line at a time keeps lines whole and in acknowledgement order
-            try:
-                await asyncio.to_thread(self._append, payload + b"\n")
-            except OSError as exc:
-                self._healthy = False
-                if self._fd is not None:
-                    os.close(self._fd)
-                    self._fd = None
-                raise DeliveryError(self.name, f"cannot append to {self.path}: {exc.strerror}", retryable=True) from exc
-        self._healthy = True
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((payload + b"\n", done))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_pending(), name=f"poller.file[{self.name}].writer")
+        await done
+
+    async def _write_pending(self) -> None:
+        """Append whatever is pending, one group at a time: whole lines, in the order they were sent."""
+        try:
+            while self._pending:
+                group, self._pending = self._pending, []
+                try:
+                    await asyncio.to_thread(self._append, b"".join(line for line, _ in group))
+                except OSError as exc:
+                    self._healthy = False
+                    if self._fd is not None:
+                        os.close(self._fd)
+                        self._fd = None
+                    error = DeliveryError(self.name, f"cannot append to {self.path}: {exc.strerror}", retryable=True)
+                    for _, done in group:
+                        if not done.done():
+                            done.set_exception(error)
+                    continue
+                self._healthy = True
+                for _, done in group:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._writer = None
 
     def health(self) -> str:
         return "ok" if self._healthy else "failing"

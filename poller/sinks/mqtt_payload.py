@@ -35,7 +35,7 @@ def state_payload(event: Event) -> bytes:
 
 def level(sink: str, what: str, value: str) -> str:
     """`value` as one topic level, unchanged; escaping would make two names share a topic, so reject."""
-    if not value or any(c in "/+#" or not c.isprintable() for c in value):
+    if not value.isprintable() or not value or "/" in value or "+" in value or "#" in value:
         raise DeliveryError(
             sink,
             f"{what} {value!r} cannot be an MQTT topic level: it must be non-empty, without '/', '+', '#' "

@@ -82,6 +82,9 @@ class Recorded:
     conflicts: tuple[tuple[str, str], ...] = ()
     #: The event log's position after the write (for the live stream).
     position: int = 0
+    #: Outbox rows this write made the head of their batch's queue (due now), for the delivery workers
+    #: to send without reading them back; a store may leave it empty (the workers then read the outbox).
+    heads: tuple[OutboxRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

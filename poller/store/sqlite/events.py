@@ -7,7 +7,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from poller.store.base import LoggedEvent, NewEvent, Recorded, Write
+from poller.store.base import LoggedEvent, NewEvent, OutboxRow, Recorded, Write
 from poller.store.codec import knowledge_to_json
 from poller.store.sqlite._conn import Connection, marks
 
@@ -24,6 +24,7 @@ class EventRows:
     def record(self, writes: Sequence[Write], now: float) -> Recorded:
         enqueued = 0
         conflicts: list[tuple[str, str]] = []
+        heads: list[OutboxRow] = []
         with self.conn.tx() as db:
             for write in writes:
                 b, k = write.batch, write.batch.knowledge
@@ -51,13 +52,13 @@ class EventRows:
                     if write.expected_sequence is not None and _exists(db, b.source, b.id):
                         conflicts.append(b.key)
                     continue  # untracked meanwhile: its events go with it
-                enqueued += _insert_events(db, b.source, b.id, write.events, now)
+                enqueued += _insert_events(db, b.source, b.id, write.events, now, heads=heads)
             position = _last_position(db)
-        return Recorded(enqueued, tuple(conflicts), position)
+        return Recorded(enqueued, tuple(conflicts), position, tuple(heads))
 
     def record_orphan(self, source: str, batch_id: str, event: NewEvent, now: float) -> int:
         with self.conn.tx() as db:
-            return _insert_events(db, source, batch_id, [event], now)
+            return _insert_events(db, source, batch_id, [event], now, heads=[])
 
     def events_for(self, source: str | None, batch_id: str) -> list[dict[str, Any]]:
         sql = "SELECT payload FROM events WHERE batch_id = ?"
@@ -99,7 +100,16 @@ def _last_position(db: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def _insert_events(db: sqlite3.Connection, source: str, batch_id: str, events: Sequence[NewEvent], now: float) -> int:
+def _insert_events(
+    db: sqlite3.Connection,
+    source: str,
+    batch_id: str,
+    events: Sequence[NewEvent],
+    now: float,
+    *,
+    heads: list[OutboxRow],
+) -> int:
+    """Insert events and their outbox rows; appends to `heads` the rows that head their batch's queue."""
     enqueued = 0
     for ev in events:
         cur = db.execute(
@@ -109,12 +119,18 @@ def _insert_events(db: sqlite3.Connection, source: str, batch_id: str, events: S
         )
         if not cur.rowcount:
             continue  # recorded before: never enqueue the same event twice
-        # The new row heads its batch's queue only if nothing of that batch is pending for the sink.
-        db.executemany(
-            "INSERT OR IGNORE INTO outbox (sink, event_id, source, batch_id, sequence, enqueued_at, ready_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM outbox WHERE sink = ? AND source = ?"
-            " AND batch_id = ? AND state = 'pending') THEN NULL ELSE 0 END)",
-            [(sink, ev.id, source, batch_id, ev.sequence, now, sink, source, batch_id) for sink in ev.sinks],
-        )
+        for sink in ev.sinks:
+            # The new row heads its batch's queue only if nothing of that batch is pending for the sink.
+            waiting = db.execute(
+                "SELECT 1 FROM outbox WHERE sink = ? AND source = ? AND batch_id = ? AND state = 'pending' LIMIT 1",
+                (sink, source, batch_id),
+            ).fetchone()
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO outbox (sink, event_id, source, batch_id, sequence, enqueued_at, ready_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sink, ev.id, source, batch_id, ev.sequence, now, None if waiting else 0),
+            ).rowcount
+            if inserted and not waiting:
+                heads.append(OutboxRow(sink, ev.id, source, batch_id, ev.sequence, 0, ev.payload, now))
         enqueued += len(ev.sinks)
     return enqueued
