@@ -8,5 +8,15 @@ from pydantic import BaseModel, ConfigDict
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 
+class KeyValueError(ValueError):
+    """A validator's problem with one key of its section, and the fix: reported as that key's ConfigError."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{key}: {problem}")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from poller.config.base import KeyValueError
 from poller.config.model import ENV_PREFIX, Config
 from poller.config.sinks import SINK_KINDS
 from poller.config.sources import PROVIDERS
@@ -83,6 +84,8 @@ def _from_validation(exc: ValidationError, raw: dict[str, Any]) -> ConfigError:
             else f"kind must be one of: {', '.join(SINK_KINDS)}"
         )
         problem = "unknown provider" if is_source else "unknown sink kind"
+    elif isinstance(hint := first.get("ctx", {}).get("error"), KeyValueError):
+        key, problem, fix, value = f"{key}.{hint.key}", hint.problem, hint.fix, None
     else:
         problem = first["msg"].removeprefix("Value error, ")
         fix = "see config/config.example.toml for the accepted values"

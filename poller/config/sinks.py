@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from poller import signing
-from poller.config.base import NAME_PATTERN, Section
+from poller.config.base import NAME_PATTERN, KeyValueError, Section
 from poller.config.secrets import read_secret, secret_pair_check
 from poller.durations import Duration
 from poller.errors import ConfigError
@@ -67,6 +67,9 @@ class MqttSinkConfig(SinkBase):
     format: Literal["openai", "cloudevents"] = "openai"
     message_expiry: Duration | None = None
     keepalive: int = Field(default=60, ge=5)
+    homeassistant: bool = False
+    homeassistant_prefix: str = "homeassistant"
+    homeassistant_batches: bool = False
 
     @field_validator("url")
     @classmethod
@@ -99,6 +102,11 @@ class MqttSinkConfig(SinkBase):
             raise ValueError("set both cert_file and key_file for a client certificate, or neither")
         if self.topic_prefix.endswith("/") or any(c in self.topic_prefix for c in "+#"):
             raise ValueError("topic_prefix must not end with '/' or contain MQTT wildcards")
+        ha_prefix = self.homeassistant_prefix
+        if not ha_prefix or ha_prefix.endswith("/") or any(c in ha_prefix for c in "+#"):
+            raise ValueError("homeassistant_prefix must be non-empty, not end with '/' nor contain MQTT wildcards")
+        if self.homeassistant_batches and not self.homeassistant:
+            raise ValueError("homeassistant_batches needs homeassistant = true")
         return self
 
     @property
@@ -158,10 +166,44 @@ class WebhookSinkConfig(SinkBase):
         return self
 
 
+#: Keys an apprise sink refuses: its URLs hold tokens, so they never sit in the config file itself.
+_INLINE_URL_KEYS = ("urls", "url")
+
+
+class AppriseSinkConfig(SinkBase):
+    kind: Literal["apprise"]
+    urls_env: str | None = None
+    urls_file: Path | None = None
+    timeout: Duration = 30.0
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+    retry_schedule: list[Duration] = Field(default_factory=_default_retry_schedule)
+    links: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_urls(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in _INLINE_URL_KEYS:
+                if key in data:
+                    raise KeyValueError(
+                        key,
+                        "inline Apprise URLs are refused: they hold tokens, so they never go in the config file",
+                        f'remove {key}; put the URLs in an environment variable and set urls_env = "NAME", '
+                        'or in a file (one URL a line) and set urls_file = "path"',
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        secret_pair_check(self, "urls", required=True)
+        return self
+
+
 SinkConfig = Annotated[
-    StdoutSinkConfig | FileSinkConfig | MqttSinkConfig | WebhookSinkConfig, Field(discriminator="kind")
+    StdoutSinkConfig | FileSinkConfig | MqttSinkConfig | WebhookSinkConfig | AppriseSinkConfig,
+    Field(discriminator="kind"),
 ]
-SINK_KINDS: tuple[str, ...] = ("stdout", "file", "mqtt", "webhook")
+SINK_KINDS: tuple[str, ...] = ("stdout", "file", "mqtt", "webhook", "apprise")
 
 
 def webhook_secrets(sink: WebhookSinkConfig, key: str, environ: dict[str, str] | None = None) -> list[str]:
@@ -187,6 +229,8 @@ def sink_secrets(name: str, sink: SinkConfig, environ: dict[str, str] | None = N
         webhook_secrets(sink, key, environ)
         if sink.routing_key_env or sink.routing_key_file:
             read_secret(f"{key}.routing_key", sink.routing_key_env, sink.routing_key_file, environ)
+    if isinstance(sink, AppriseSinkConfig):
+        read_secret(f"{key}.urls", sink.urls_env, sink.urls_file, environ)
 
 
 def sink_names(sinks: list[SinkConfig]) -> list[str]:

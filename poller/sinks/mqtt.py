@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import math
 import random
 import socket
@@ -32,10 +31,12 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from poller import __version__
 from poller.config import MqttSinkConfig, read_secret
 from poller.domain.events import CLOUDEVENTS_CONTENT_TYPE, Event, encode_cloudevent
 from poller.domain.schedule import Rand, full_jitter
 from poller.errors import ConfigError, DeliveryError
+from poller.sinks.mqtt_discovery import HomeAssistant
 from poller.sinks.mqtt_payload import describe, level, state_payload
 
 log = structlog.get_logger("poller.sinks.mqtt")
@@ -52,6 +53,8 @@ JSON_CONTENT_TYPE: Final = "application/json"
 #: CONNACK codes that mean the credentials were refused (3.1.1: 4, 5; MQTT 5: 0x86, 0x87).
 _AUTH_CODES: Final = frozenset({4, 5, 134, 135})
 _MAX_TOPIC_BYTES: Final = 65535
+#: How often changed Home Assistant counts are published, at most.
+HA_INTERVAL: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +101,7 @@ class MqttSink:
         self.config = config
         self.max_in_flight = config.max_in_flight
         self._rand = rand
-        self._templates: dict[tuple[str, float | None], Properties] = {}
+        self._templates: dict[tuple[str, float | None], bytes] = {}
         self._key = f"sinks.{name}"
         # The URL, its TLS options and the password pair were validated with the config.
         self.host: str = config.host
@@ -111,6 +114,11 @@ class MqttSink:
         self.client_id = config.client_id or f"batch-poller-{name}-{socket.gethostname()}"
         self.availability_topic = f"{config.topic_prefix}/availability"
         self._v5 = config.protocol == "5"
+        self._ha: HomeAssistant | None = None
+        if config.homeassistant:
+            self._ha = HomeAssistant(
+                name, config.topic_prefix, config.homeassistant_prefix, config.homeassistant_batches, __version__
+            )
 
         self._task: asyncio.Task[None] | None = None
         self._session: _Session | None = None
@@ -212,6 +220,8 @@ class MqttSink:
                     await client.publish(self.availability_topic, ONLINE, qos=1, retain=True)
                     self._on_up(client)
                     try:
+                        if self._ha is not None:
+                            await self._home_assistant(client, self._ha)
                         async for _ in client.messages:
                             pass  # nothing is subscribed: the iterator only raises, when the connection ends
                     finally:
@@ -222,6 +232,28 @@ class MqttSink:
                 log.exception("mqtt connection failed unexpectedly", sink=self.name)
                 self._on_failure(exc)
             await asyncio.sleep(full_jitter(self._attempts, BACKOFF_BASE, BACKOFF_CAP, self._rand))
+
+    async def _home_assistant(self, client: aiomqtt.Client, ha: HomeAssistant) -> None:
+        """Count batches from the retained states on the broker and publish discovery and counts from them."""
+        ha.reset()
+        await client.subscribe(ha.subscription, qos=1)
+        publisher = asyncio.create_task(self._ha_publish(client, ha), name=f"poller.mqtt[{self.name}].homeassistant")
+        try:
+            async for message in client.messages:
+                payload = message.payload
+                ha.observe(str(message.topic), bytes(payload) if isinstance(payload, bytes | bytearray) else b"")
+        finally:
+            publisher.cancel()
+            await asyncio.wait((publisher,))
+
+    async def _ha_publish(self, client: aiomqtt.Client, ha: HomeAssistant) -> None:
+        while True:
+            try:
+                for topic, payload in ha.drain():
+                    await client.publish(topic, payload, qos=1, retain=True)
+            except aiomqtt.MqttError as exc:  # the connection's end is handled by the receive loop
+                log.debug("home assistant publish failed", sink=self.name, error=describe(exc)[0])
+            await asyncio.sleep(HA_INTERVAL)
 
     def _on_up(self, client: aiomqtt.Client) -> None:
         session = _Session(client)
@@ -275,18 +307,20 @@ class MqttSink:
         """Publish the event and the retained state; return after the broker acknowledged both."""
         messages = self.messages(event, payload)
         session = await self._wait_session()
-        publishing = asyncio.create_task(
-            self._publish(session.client, messages), name=f"poller.mqtt[{self.name}].publish.{event.batch_id}"
-        )
+        # aiomqtt's publish returns after PUBACK (QoS 1) / PUBCOMP (QoS 2). It does not notice a lost
+        # connection, hence no timeout: the sends race the session's end. Both messages go out at once
+        # (paho writes them in order) and both acknowledgements are awaited.
+        publishing = asyncio.gather(*(self._publish(session.client, m) for m in messages))
         try:
             await asyncio.wait((publishing, session.ended), return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not publishing.done():
                 publishing.cancel()
                 await asyncio.wait((publishing,))
-        if publishing.cancelled():
+        # A publish that aiomqtt cancelled (its connection ended) counts as a lost connection too.
+        error = None if publishing.cancelled() else publishing.exception()
+        if publishing.cancelled() or isinstance(error, asyncio.CancelledError):
             raise DeliveryError(self.name, "connection lost before the broker acknowledged", retryable=True)
-        error = publishing.exception()
         if isinstance(error, aiomqtt.MqttError):
             reason, code = describe(error)
             raise DeliveryError(self.name, f"publish failed: {reason}", retryable=True, status=code) from error
@@ -306,17 +340,9 @@ class MqttSink:
             if not session.ended.done():
                 return session
 
-    async def _publish(self, client: aiomqtt.Client, messages: list[_Message]) -> None:
-        # aiomqtt's publish returns after PUBACK (QoS 1) / PUBCOMP (QoS 2). It does not notice a lost
-        # connection, hence no timeout here: `send` races it against the session's end instead.
-        # Both go out at once (paho writes them in order) and both acknowledgements are awaited.
-        await asyncio.gather(
-            *(
-                client.publish(
-                    m.topic, m.payload, qos=self.config.qos, retain=m.retain, properties=m.properties, timeout=math.inf
-                )
-                for m in messages
-            )
+    async def _publish(self, client: aiomqtt.Client, m: _Message) -> None:
+        await client.publish(
+            m.topic, m.payload, qos=self.config.qos, retain=m.retain, properties=m.properties, timeout=math.inf
         )
 
     # -- rendering (pure) --------------------------------------------------------------------------------
@@ -357,14 +383,55 @@ class MqttSink:
         key = (content_type, expiry)
         template = self._templates.get(key)
         if template is None:
-            # paho validates every attribute set (a scan of all property names each time): set the
-            # per-sink constants once and copy them per message.
-            template = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho is untyped
-            template.PayloadFormatIndicator = 1  # UTF-8
-            template.ContentType = content_type
+            # The per-sink constants, packed once by paho (which validates each attribute it is given).
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho is untyped
+            props.PayloadFormatIndicator = 1  # UTF-8
+            props.ContentType = content_type
             if expiry is not None:
-                template.MessageExpiryInterval = max(1, math.ceil(expiry))
+                props.MessageExpiryInterval = max(1, math.ceil(expiry))
+            template = _unprefixed(props.pack())  # type: ignore[no-untyped-call]
             self._templates[key] = template
-        props = copy.copy(template)
-        props.UserProperty = [("event_id", event.id), ("event_type", event.type), ("batch_id", event.batch_id)]
-        return props
+        users = (("event_id", event.id), ("event_type", event.type), ("batch_id", event.batch_id))
+        return _PackedProperties(template, users)
+
+
+class _PackedProperties(Properties):
+    """PUBLISH properties packed once per event: paho calls `pack` for every message and every resend.
+
+    Holds the sink's constant properties (already packed) and the event's user properties; the event
+    and its state message share one instance.
+    """
+
+    def __init__(self, template: bytes, users: tuple[tuple[str, str], ...]) -> None:
+        # No Properties.__init__: it builds paho's name tables per instance, and `pack` needs none of them.
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        body = template + b"".join(b"\x26" + _utf8(k) + _utf8(v) for k, v in users)
+        object.__setattr__(self, "UserProperty", list(users))  # readable as paho's, without its per-set scan
+        object.__setattr__(self, "_packed", _varint(len(body)) + body)
+
+    def pack(self) -> bytes:
+        packed: bytes = self.__dict__["_packed"]
+        return packed
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _varint(value: int) -> bytes:
+    """MQTT's Variable Byte Integer."""
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _unprefixed(packed: bytes) -> bytes:
+    """Packed properties without their leading length."""
+    start = 0
+    while packed[start] & 0x80:
+        start += 1
+    return packed[start + 1 :]

@@ -53,6 +53,12 @@ def _webhook(name: str, config: Any, environ: dict[str, str]) -> Sink:
     return WebhookSink(name, config, environ=environ)
 
 
+def _apprise(name: str, config: Any, environ: dict[str, str]) -> Sink:
+    from poller.sinks.apprise import AppriseSink  # noqa: PLC0415 - apprise loads only when configured
+
+    return AppriseSink(name, config, environ=environ)
+
+
 REGISTRY: dict[str, SinkKind] = {
     k.kind: k
     for k in (
@@ -60,6 +66,7 @@ REGISTRY: dict[str, SinkKind] = {
         SinkKind("file", _file),
         SinkKind("mqtt", _mqtt, keeps_state=True, connection=True),
         SinkKind("webhook", _webhook),
+        SinkKind("apprise", _apprise),
     )
 }
 
