@@ -11,10 +11,10 @@ import itertools
 import json
 import random
 import signal
+import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from tests.helpers import (
     write_toml,
 )
 from tests.postgres import PASSWORD, Cluster
+from tests.replica_logs import Span, polling_now, spans, taken_over
 
 ENV = "POLLER_TEST_PG_PASSWORD"
 NOW = 1_000.0
@@ -201,36 +202,11 @@ class Replica:
 
     @property
     def name(self) -> str:
-        import socket  # noqa: PLC0415
-
-        return f"{socket.gethostname()}:{self.proc.pid}"
+        return f"{socket.gethostname()}:{self.proc.pid}"  # the default replica name
 
 
-def log_lines(path: Path) -> Iterator[dict[str, Any]]:
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                yield json.loads(line)
-
-
-def at(entry: dict[str, Any]) -> float:
-    return datetime.fromisoformat(entry["timestamp"]).timestamp()
-
-
-def holding(replicas: list[Replica], end: float) -> dict[str, list[tuple[float, float, str]]]:
-    """Per source, the intervals each replica polled it, from the replicas' own logs (a kill ends one)."""
-    spans: dict[str, list[tuple[float, float, str]]] = {}
-    for rep in replicas:
-        open_since: dict[str, float] = {}
-        for entry in log_lines(rep.log):
-            source = entry.get("source")
-            if entry.get("event") == "polling source":
-                open_since[source] = at(entry)
-            elif entry.get("event") == "stopped polling source" and source in open_since:
-                spans.setdefault(source, []).append((open_since.pop(source), at(entry), rep.name))
-        for source, since in open_since.items():
-            spans.setdefault(source, []).append((since, rep.killed or end, rep.name))
-    return spans
+def all_spans(replicas: list[Replica], now: float) -> list[Span]:
+    return [span for rep in replicas for span in spans(rep.log, rep.name, rep.killed or now)]
 
 
 def chaos_config(cluster: Cluster, database: str, urls: dict[str, str], ids: dict[str, list[str]], hook: str) -> Any:
@@ -287,8 +263,7 @@ async def test_chaos_three_replicas_killed_and_restarted_lose_and_double_nothing
             return [r for r in replicas if r.killed is None]
 
         def polled() -> dict[str, set[str]]:
-            spans = holding(replicas, time.time() + 1)
-            return {s: {n for _, end, n in v if end > time.time()} for s, v in spans.items()}
+            return polling_now(all_spans(replicas, time.time() + 1), time.time())
 
         try:
             # One replica alone, batches frozen: the requests of one replica over a window.
@@ -348,17 +323,17 @@ async def test_chaos_three_replicas_killed_and_restarted_lose_and_double_nothing
             first.setdefault(event["data"]["id"], []).append(event["data"]["sequence"])
     assert all(seqs == sorted(seqs) for seqs in first.values())
     # One replica at a time per source, and failover within one TTL plus a few seconds.
-    spans = holding(replicas, time.time())
-    for source, intervals in spans.items():
-        intervals.sort()
+    done = all_spans(replicas, time.time())
+    for source in urls:
+        intervals = sorted((sp.start, sp.end, sp.replica) for sp in done if sp.source == source)
         for (_, end, a), (start_, _, b) in itertools.pairwise(intervals):
             assert start_ >= end - 0.05, f"{source}: {a} and {b} polled it at once"
     failovers = []
     for killed_at, victim, held in kills:
         for source in held:
-            taken = [s for s, _, n in spans.get(source, []) if s >= killed_at and n != victim.name]
-            assert taken, f"{source} was never taken over after {victim.name} was killed"
-            failovers.append(min(taken) - killed_at)
+            taken = taken_over(done, source, killed_at, victim.name)
+            assert taken is not None, f"{source} was never taken over after {victim.name} was killed"
+            failovers.append(taken - killed_at)
     assert failovers, "no kill hit a replica holding a source"
     assert max(failovers) <= TTL + 3.0, f"failover took {max(failovers):.1f}s (TTL {TTL:g}s)"
     print(
