@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from poller import __version__
+from poller.cli.completion import SHELLS
+from poller.cli.config_cmd import CHOICES as CONFIG_CHOICES
 from poller.config import Config, find_config_path, load_config
 from poller.config.sinks import SINK_KINDS
 from poller.errors import ConfigError
@@ -61,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--event", help="one event id")
     which.add_argument("--all-dead", action="store_true", help="every dead-lettered delivery")
+    p = sub.add_parser("config", help="print the example config, the systemd unit or the config's JSON Schema")
+    p.add_argument("what", choices=CONFIG_CHOICES, help="example: config.example.toml; unit: the systemd unit")
+    p = sub.add_parser("completion", help="print the shell completion script for bash or zsh")
+    p.add_argument("shell", choices=SHELLS)
     p = sub.add_parser("demo", help="simulated Batch API + daemon, no key or broker needed (about a minute)")
     p.add_argument("--batches", type=int, default=10, help="how many batches (default 10)")
     p = sub.add_parser("simulate", help="run a simulated provider Batch API on a local port (for trials)")
@@ -99,6 +105,15 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one return pe
         from poller.sim.__main__ import run  # noqa: PLC0415
 
         return run(args)
+    if command == "config":
+        from poller.cli.config_cmd import run as print_config  # noqa: PLC0415
+
+        return print_config(args.what)
+    if command == "completion":
+        from poller.cli.completion import script  # noqa: PLC0415
+
+        sys.stdout.write(script(_parser(), args.shell))
+        return 0
     path = find_config_path(args.config)
     config = load_config(path, require_file=command == "run")
     if command == "run":
