@@ -305,3 +305,6 @@ class Daemon:
 
     def tracked_counts(self) -> dict[str, dict[str, int]]:
         return {name: runner.tracked_counts() for name, runner in self.runners.items()}
+
+    def stalled_counts(self) -> dict[str, int]:
+        return {name: runner.stalled_count() for name, runner in self.runners.items()}
