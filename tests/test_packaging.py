@@ -90,6 +90,35 @@ def test_the_wheel_ships_the_example_config_the_unit_and_the_licence(wheel: zipf
     assert "Requires-Dist: shtab" in wheel.read(meta_name).decode()
 
 
+@pytest.mark.slow
+def test_an_installed_wheel_prints_its_packaged_files(wheel: zipfile.ZipFile, tmp_path: Path) -> None:
+    """The wheel unpacked (as pip installs a pure-Python wheel) and imported ahead of this checkout."""
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    env = cli_env({"PYTHONPATH": str(site)})
+    where = subprocess.run(
+        [sys.executable, "-c", "import poller; print(poller.__file__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(site), where.stdout
+    for what, source in SOURCES.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "poller.cli", "config", what],
+            check=False,
+            capture_output=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == source.read_bytes(), what
+
+
 # -- batch-poller config -----------------------------------------------------------------------------
 
 
