@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -14,6 +16,33 @@ def bar(done: int, total: int, width: int = 12) -> str:
         return " " * (width + 2) + "    -"
     filled = min(round(width * done / total), width)
     return f"[{'#' * filled}{'.' * (width - filled)}] {min(100 * done // total, 100):>3}%"
+
+
+def printable(value: object, limit: int = 120) -> str:
+    """An outside value (a batch id, a status, an error) as plain text for a terminal: control and format
+    characters (escape sequences, newlines, bidi overrides) become `?`, and overlong text is cut."""
+    text = "".join("?" if unicodedata.category(c)[0] == "C" else c for c in str(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def eta_text(eta: float | None, now: float) -> str:
+    """An estimated completion as local time and how far off it is (`14:05 (in 12m)`), `-` when unknown."""
+    if eta is None:
+        return "-"
+    clock = time.strftime("%H:%M" if eta - now < 86400 else "%m-%d %H:%M", time.localtime(eta))
+    return f"{clock} (in {ago(eta - now)})" if eta > now else f"{clock} (due)"
+
+
+def iso(at: float | None) -> str:
+    """Unix seconds as UTC RFC 3339 (`2026-12-03T14:05:00Z`), `-` for none: what plain columns print."""
+    return "-" if at is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def done_text(counts: dict[str, int] | None) -> str:
+    """Finished of total requests (`412/1000`), `-` where the provider reports no counts."""
+    if counts is None or counts.get("total", 0) <= 0:
+        return "-"
+    return f"{counts.get('completed', 0) + counts.get('failed', 0)}/{counts['total']}"
 
 
 def ago(seconds: float) -> str:
