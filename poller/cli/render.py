@@ -53,7 +53,7 @@ def ago(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def list_record(b: TrackedBatch) -> dict[str, Any]:
+def list_record(b: TrackedBatch, now: float) -> dict[str, Any]:
     counts = b.knowledge.counts
     return {
         "id": b.id,
@@ -61,29 +61,40 @@ def list_record(b: TrackedBatch) -> dict[str, Any]:
         "state": b.state,
         "status": b.knowledge.status,
         "request_counts": None if counts is None else counts.as_dict(),
+        "progress": None if counts is None or counts.total <= 0 else round(min(counts.finished / counts.total, 1), 4),
+        "eta": b.knowledge.eta(now) if b.state == ACTIVE else None,
         "created_at": b.created_at,
         "next_due": b.next_due if b.state == ACTIVE else None,
         "origin": b.origin,
     }
 
 
-def print_list(batches: list[TrackedBatch], now: float, out: TextIO, *, as_json: bool) -> None:
+def print_list(batches: list[TrackedBatch], now: float, out: TextIO, *, as_json: bool, tty: bool = False) -> None:
+    """Tracked batches: one JSON object per line, or columns (with progress bars when `out` is a terminal;
+    plain `finished/total` and UTC times when piped)."""
     if as_json:
         for b in batches:
-            print(json.dumps(list_record(b), separators=(",", ":")), file=out)
+            print(json.dumps(list_record(b, now), separators=(",", ":")), file=out)
         return
     if not batches:
         print("(no batches tracked)", file=out)
         return
     rows = []
     for b in batches:
-        counts = b.knowledge.counts
+        record = list_record(b, now)
+        counts = record["request_counts"]
         status = "gone (404)" if b.state == "gone" else (b.knowledge.status or "(pending)")
         age = ago(now - b.created_at) if b.created_at else "-"
         due = "-" if b.state != ACTIVE else ("now" if b.next_due <= now else "in " + ago(b.next_due - now))
-        progress = bar(counts.completed + counts.failed, counts.total) if counts is not None else bar(0, 0)
-        rows.append((b.id, b.source, status, progress, age, due, b.origin))
-    print_table(("ID", "SOURCE", "STATUS", "PROGRESS", "AGE", "NEXT POLL", "TRACKED"), rows, out, right={4, 5})
+        if tty:
+            done = (counts["completed"] + counts["failed"], counts["total"]) if counts else (0, 0)
+            progress, eta = f"{bar(*done)} {done_text(counts):>9}", eta_text(record["eta"], now)
+        else:
+            progress, eta = done_text(counts), iso(record["eta"])
+        cells = (b.id, b.source, status, progress, eta, age, due, b.origin)
+        rows.append(tuple(printable(c, limit=200) for c in cells))
+    header = ("ID", "SOURCE", "STATUS", "PROGRESS", "ETA", "AGE", "NEXT POLL", "TRACKED")
+    print_table(header, rows, out, right={5, 6})
 
 
 def print_table(
