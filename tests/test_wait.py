@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -202,6 +204,48 @@ async def test_a_missing_api_key_exits_78(tmp_path: Path) -> None:
         code, _, err = await (await start_wait(s.config, batch_id, env=env)).finish()
     assert code == 78, err
     assert "Traceback" not in err
+
+
+def on_a_terminal(config: Path, *args: str) -> tuple[int, str]:
+    """`wait` with its stdout on a real pseudo-terminal: its exit code and what it drew there."""
+    controller, terminal = os.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "poller.cli", "wait", *args, "--config", str(config)],
+            stdout=terminal,
+            stderr=subprocess.DEVNULL,
+            env=cli_env(),
+            timeout=60,
+            check=False,
+        )
+        os.close(terminal)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(controller)
+    return done.returncode, b"".join(chunks).decode()
+
+
+async def test_on_a_terminal_lines_are_redrawn_and_outside_text_is_escaped(tmp_path: Path) -> None:
+    hostile = "batch_\x1b[31mred\x07"
+    async with simulated(tmp_path) as s:
+        [batch_id] = s.sim.create_batches(1, outcome="completed")
+        s.clock.advance(LATER)
+        code, drawn = await asyncio.to_thread(on_a_terminal, s.config, batch_id, hostile)
+    assert code == EXIT_UNKNOWN
+    assert "\x1b[2K" in drawn  # lines are redrawn in place
+    assert "[############] 100%" in drawn
+    [line] = [ln for ln in drawn.splitlines() if "not found" in ln][-1:]
+    assert "batch_?[31mred? " in line
+    assert "\x1b[31m" not in drawn
+    assert "\x07" not in drawn
 
 
 # -- following the daemon's stream -----------------------------------------------------------------------

@@ -91,12 +91,15 @@ class Board:
         eta: int | None,
         sequence: int | None = None,
         source: str | None = None,
+        event: bool = False,
     ) -> None:
+        """Apply what a poll, a daemon view or (`event`) an event showed. An event no newer than what is
+        known is skipped: the view of the same sequence may have fresher counts."""
         w = self.batches.get(batch_id)
         if w is None or w.settled:
             return
         if sequence is not None:
-            if sequence < w.sequence:
+            if sequence < w.sequence or (event and sequence == w.sequence):
                 return
             w.sequence = sequence
         status = status or w.status
@@ -153,6 +156,11 @@ class Display:
             print(f"{iso(self.clock())}  {self._line(w, plain=True)}", file=self.out, flush=True)
         else:
             self.redraw()
+
+    def note(self, message: str) -> None:
+        """A warning on stderr; on a terminal the lines are drawn afresh below it."""
+        print(f"wait: {message}", file=sys.stderr, flush=True)
+        self._drawn = 0
 
     def redraw(self) -> None:
         if self.board is None:
@@ -277,6 +285,7 @@ class DaemonFeed:
                 eta=data.get("eta"),
                 sequence=int(data["sequence"]),
                 source=data.get("source"),
+                event=True,
             )
         except (ValueError, KeyError, TypeError):
             self.warn("ignored a malformed event on the daemon's stream")
@@ -403,6 +412,8 @@ async def _daemon_feed(
     try:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             async with http.get(f"{base}/v1/status", headers=feed.headers) as resp:
+                if resp.status in {401, 403}:
+                    warn(f"the daemon at {base} refuses the service token; asking the API instead")
                 if resp.status != 200:
                     return None
             for batch_id in board.batches:
@@ -425,9 +436,7 @@ async def wait(args: argparse.Namespace, config: Config, out: TextIO = sys.stdou
     board = Board.of(_canonical(config, source, args.ids))
     display.attach(board)
 
-    def warn(message: str) -> None:
-        print(f"wait: {message}", file=sys.stderr, flush=True)
-
+    warn = display.note
     feed = await _daemon_feed(config, source, board, warn)
     direct = [i for i in board.batches if feed is None or i not in feed.ids]
     if mode == "tty":
