@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from aiohttp import web
 from poller.cli.render import iso
 from poller.cli.wait import EXIT_CANCELLED, EXIT_COMPLETED, EXIT_EXPIRED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNKNOWN
 from poller.sim import ManualClock, OpenAISim, SimProfile, serve
-from tests.helpers import cli_env, config_dict, eventually, write_toml
+from tests.helpers import KEY_ENV, cli_env, config_dict, eventually, fast_sim, make_config, running, write_toml
 
 FIXED = SimProfile(
     validating_s=(10, 10),
@@ -97,6 +98,13 @@ async def simulated(tmp_path: Path) -> AsyncIterator[Simulated]:
     async with serve(sim) as url:
         config = write_toml(tmp_path / "config.toml", config_dict(url, tmp_path / "s.db", []))
         yield Simulated(sim, clock, config, url)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 async def retrieved(sim: OpenAISim, count: int = 1) -> None:
@@ -391,3 +399,19 @@ async def test_a_batch_the_daemon_does_not_track_is_polled_from_the_api(tmp_path
     assert code == EXIT_COMPLETED, (out, err)
     assert fake.streams[0]["batch"] == ["batch_a"]
     assert s.sim.stats.retrieve == 1
+
+
+async def test_with_a_real_daemon_it_needs_no_api_key(tmp_path: Path) -> None:
+    """Against the real daemon and its control API (no API key given to `wait`: it asks only the daemon)."""
+    sim = fast_sim(speed=60)
+    async with serve(sim) as url:
+        [batch_id] = sim.create_batches(1, outcome="completed")
+        raw = config_dict(url, tmp_path / "state.db", [])
+        raw["source"]["track"] = [batch_id]
+        raw["service"] = {"enabled": True, "listen": f"127.0.0.1:{free_port()}"}
+        config = write_toml(tmp_path / "config.toml", raw)
+        async with running(make_config(raw)):
+            keyless = {k: v for k, v in cli_env().items() if k != KEY_ENV}
+            code, out, err = await (await start_wait(config, batch_id, env=keyless)).finish(timeout=60)
+    assert code == EXIT_COMPLETED, (out, err)
+    assert f"{batch_id}  completed" in out
