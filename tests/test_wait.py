@@ -21,7 +21,7 @@ from aiohttp import web
 
 from poller.cli.render import iso
 from poller.cli.wait import EXIT_CANCELLED, EXIT_COMPLETED, EXIT_EXPIRED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNKNOWN
-from poller.sim import ManualClock, OpenAISim, SimProfile, serve
+from poller.sim import Fault, ManualClock, OpenAISim, SimProfile, serve
 from tests.helpers import KEY_ENV, cli_env, config_dict, eventually, fast_sim, make_config, running, write_toml
 
 FIXED = SimProfile(
@@ -182,6 +182,27 @@ async def test_an_id_the_api_does_not_know_exits_1_at_once(tmp_path: Path) -> No
         code, out, err = await (await start_wait(s.config, batch_id, "batch_nope")).finish()
     assert code == EXIT_UNKNOWN, err
     assert "batch_nope  not found" in out
+
+
+async def test_api_errors_are_said_once_and_retried(tmp_path: Path) -> None:
+    async with simulated(tmp_path) as s:
+        [batch_id] = s.sim.create_batches(1, outcome="completed")
+        s.clock.advance(LATER)
+        s.sim.inject(Fault(kind="500", count=2))
+        code, out, err = await (await start_wait(s.config, batch_id)).finish()
+    assert code == EXIT_COMPLETED, (out, err)
+    assert err.count("retrying") == 1
+    assert "Traceback" not in err
+
+
+async def test_a_rejected_key_exits_1_without_showing_it(tmp_path: Path) -> None:
+    secret = "sk-wrong-and-never-printed-0123456789"
+    async with simulated(tmp_path) as s:
+        [batch_id] = s.sim.create_batches(1)
+        code, out, err = await (await start_wait(s.config, batch_id, env=cli_env({KEY_ENV: secret}))).finish()
+    assert code == EXIT_UNKNOWN, (out, err)
+    assert "rejects the key" in out
+    assert secret not in out + err
 
 
 async def test_json_prints_one_object_per_change(tmp_path: Path) -> None:

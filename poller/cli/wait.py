@@ -26,14 +26,14 @@ from urllib.parse import quote
 
 import aiohttp
 
-from poller.cli.api import _failure, _provider
+from poller.cli.api import failure_text, provider_for
 from poller.cli.daemon import service_headers, service_url
 from poller.cli.render import bar, done_text, eta_text, iso, printable
 from poller.config import Config, SourceConfig
 from poller.domain.lifecycle import is_final
 from poller.domain.schedule import error_delay
 from poller.domain.transitions import Knowledge, Policy, detect
-from poller.errors import ApiError
+from poller.errors import ApiError, BadResponseError
 from poller.providers import canonical_id
 
 EXIT_COMPLETED, EXIT_UNKNOWN, EXIT_FAILED, EXIT_EXPIRED, EXIT_CANCELLED, EXIT_TIMEOUT = 0, 1, 3, 4, 5, 124
@@ -357,22 +357,22 @@ async def poll_api(
     streaks: dict[str, int] = {}
     rand = random.Random().random
     policy = Policy(progress=False)
-    async with _provider(source) as provider:
+    async with provider_for(source) as provider:
         while not board.settled(ids):
             delay = interval
             for batch_id in [i for i in ids if not board.batches[i].settled]:
                 try:
                     snap = await provider.retrieve(batch_id)
                 except ApiError as exc:
-                    if exc.status == 404 and exc.from_api:
+                    if exc.status == 404 and exc.from_api and not isinstance(exc, BadResponseError):
                         board.fail(batch_id, "not found: the API does not know this batch")
                     elif exc.status in {401, 403}:
                         for i in ids:
-                            board.fail(i, f"the API rejects the key: {_failure(exc)}")
+                            board.fail(i, f"the API rejects the key: {failure_text(exc)}")
                     else:
                         streaks[batch_id] = streak = streaks.get(batch_id, 0) + 1
                         if streak == 1:
-                            warn(f"{printable(batch_id)}: {printable(_failure(exc))}; retrying")
+                            warn(f"{printable(batch_id)}: {printable(failure_text(exc))}; retrying")
                         delay = max(delay, error_delay(streak, interval, 60.0, rand, exc.retry_after))
                     continue
                 streaks.pop(batch_id, None)
