@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poller.config import ServiceConfig
 from poller.domain.eta import MAX_ANCHORS, MIN_SPAN, WINDOW, advance, completion
@@ -84,6 +86,27 @@ def test_advance_keeps_moves_only_within_the_window_and_a_bounded_count() -> Non
         many = advance(many, NOW + i, i)
     assert len(many) == MAX_ANCHORS
     assert many[-1] == (NOW + 3 * MAX_ANCHORS - 1, 3 * MAX_ANCHORS - 1)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    steps=st.lists(st.tuples(st.floats(0, 600), st.integers(-50, 200)), max_size=40),
+    total=st.integers(0, 5000),
+    later=st.floats(0, 4000),
+)
+def test_anchors_stay_bounded_and_ordered_and_an_estimate_is_never_in_the_past(
+    steps: list[tuple[float, int]], total: int, later: float
+) -> None:
+    anchors: tuple[tuple[float, int], ...] = ()
+    at, finished = float(NOW), 0
+    for gap, moved in steps:
+        at, finished = at + gap, max(finished + moved, 0)
+        anchors = advance(anchors, at, finished)
+        assert len(anchors) <= MAX_ANCHORS
+        assert [a for a, _ in anchors] == sorted(a for a, _ in anchors)
+        assert anchors[-1][1] == finished
+    estimate = completion(anchors, total, at + later)
+    assert estimate is None or estimate >= at + later
 
 
 # -- in detection's knowledge --------------------------------------------------------------------------
