@@ -209,6 +209,7 @@ async def test_events_of_several_batches_arrive_on_their_topics(mosquitto: Mosqu
         "provider": "openai",
         "provider_status": "completed",
         "request_counts": {"completed": 3, "failed": 0, "total": 10},
+        "eta": None,
         "updated_at": completed.created_at,
         "detected_at": completed.data.detected_at,
         "sequence": 2,

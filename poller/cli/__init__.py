@@ -1,7 +1,8 @@
 """The `batch-poller` command line.
 
 Exit codes: 0 ok, 1 failure, 2 usage, 3 `status` with no daemon answering, 78 bad configuration
-(EX_CONFIG, which the systemd unit does not restart on), 130 interrupted.
+(EX_CONFIG, which the systemd unit does not restart on), 130 interrupted; `wait` has its own for how
+its batches ended (`poller/cli/wait.py`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,18 @@ from poller.cli.completion import SHELLS
 from poller.cli.config_cmd import CHOICES as CONFIG_CHOICES
 from poller.config import Config, find_config_path, load_config
 from poller.config.sinks import SINK_KINDS
+from poller.durations import parse_duration
 from poller.errors import ConfigError
 from poller.logs import configure
 
 EX_CONFIG = 78
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="+", metavar="ID")
     p = sub.add_parser("list", parents=[sourced], help="tracked batches with status, progress, age, next poll")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = sub.add_parser("wait", parents=[sourced], help="block until batches are final, showing progress")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("--timeout", type=_duration, help="give up after this long (exit 124), e.g. 30m")
+    p.add_argument("--json", action="store_true", help="one JSON object per line for each change")
     p = sub.add_parser("show", parents=[sourced], help="the events recorded for one batch")
     p.add_argument("id", metavar="ID")
     p.add_argument("--json", action="store_true", help="the full events, one per line")
@@ -130,6 +143,10 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one return pe
         source = config.named_sources()[pick_source(config, args.source)]
         source.api_key()
         return asyncio.run(cancel(source, args.id))
+    if command == "wait":
+        from poller.cli.wait import wait  # noqa: PLC0415
+
+        return asyncio.run(wait(args, config))
     if command == "status":
         from poller.cli.daemon import status  # noqa: PLC0415
 

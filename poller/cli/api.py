@@ -1,4 +1,5 @@
-"""CLI commands that talk to a provider's API directly: `cancel` and `check-config --probe`."""
+"""CLI commands that talk to a provider's API directly: `cancel` and `check-config --probe` (and the
+helpers `wait` shares)."""
 
 from __future__ import annotations
 
@@ -13,25 +14,27 @@ from poller.providers import make_provider
 from poller.providers.base import Provider
 
 
-def _provider(source: SourceConfig) -> Provider:
+def provider_for(source: SourceConfig) -> Provider:
+    """A lightly paced adapter for one source, for a command's few requests (not yet entered)."""
     metrics = Metrics().source(source.source_name)
     return make_provider(source, source.api_key(), metrics=metrics, pacer=Pacer(5.0), max_concurrency=2)
 
 
-def _failure(exc: ApiError | BadResponseError) -> str:
+def failure_text(exc: ApiError | BadResponseError) -> str:
+    """An API error as one line, with the server's request id for support tickets."""
     request = f" (request id {exc.request_id})" if exc.request_id else ""
     return f"{exc}{request}"
 
 
 async def cancel(source: SourceConfig, batch_id: str) -> int:
-    async with _provider(source) as provider:
+    async with provider_for(source) as provider:
         if not provider.capabilities.can_cancel:
             print(f"cancel: provider {provider.name} has no cancel", file=sys.stderr)
             return 1
         try:
             snap = await provider.cancel(batch_id)
         except (ApiError, BadResponseError) as exc:
-            print(f"cancel failed: {_failure(exc)}", file=sys.stderr)
+            print(f"cancel failed: {failure_text(exc)}", file=sys.stderr)
             return 1
     print(f"{snap.id}: {snap.provider_status}")
     return 0
@@ -53,12 +56,17 @@ async def probe_sources(config: Config) -> dict[str, dict[str, Any]]:
     """Per source: `ok`, its `base_url`, what the API answered or why it failed (`detail`), and a `fix`."""
     results: dict[str, dict[str, Any]] = {}
     for name, source in config.named_sources().items():
-        async with _provider(source) as provider:
+        async with provider_for(source) as provider:
             try:
                 what = await _ask(provider)
             except ApiError as exc:
                 hint = _hint(exc, source).removeprefix("\n  fix: ")
-                results[name] = {"ok": False, "base_url": source.base_url, "detail": _failure(exc), "fix": hint or None}
+                results[name] = {
+                    "ok": False,
+                    "base_url": source.base_url,
+                    "detail": failure_text(exc),
+                    "fix": hint or None,
+                }
                 continue
         results[name] = {"ok": True, "base_url": source.base_url, "detail": what, "fix": None}
     return results

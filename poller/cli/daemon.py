@@ -41,19 +41,32 @@ def run(config: Config, path: Path | None) -> int:
     return asyncio.run(main())
 
 
-def ask_daemon(config: Config) -> dict[str, Any] | None:
-    """The running daemon's `/v1/status`, or None when no daemon answers."""
+def service_url(config: Config) -> str | None:
+    """The base URL the running daemon's HTTP service answers on (from `[service]`), None when disabled."""
     service = config.service
     if not service.enabled:
         return None
     host = "127.0.0.1" if service.host in {"0.0.0.0", "::", ""} else service.host  # noqa: S104 - wildcard binds
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{service.port}/v1/status"
-    request = urllib.request.Request(url)
-    if service.has_token:
-        token = read_secret("service.token", service.token_env, service.token_file)
-        request.add_header("Authorization", f"Bearer {token}")
+    return f"http://{host if ':' not in host else f'[{host}]'}:{service.port}"
+
+
+def service_headers(config: Config) -> dict[str, str]:
+    """The control API's bearer token as a header, when one is configured."""
+    service = config.service
+    if not service.has_token:
+        return {}
+    token = read_secret("service.token", service.token_env, service.token_file)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def ask_daemon(config: Config) -> dict[str, Any] | None:
+    """The running daemon's `/v1/status`, or None when no daemon answers."""
+    base = service_url(config)
+    if base is None:
+        return None
+    # the URL is built from our own config and is always http://
+    request = urllib.request.Request(f"{base}/v1/status", headers=service_headers(config))  # noqa: S310
     try:
-        # the URL is built from our own config and is always http://
         with urllib.request.urlopen(request, timeout=2) as resp:  # noqa: S310
             body: dict[str, Any] = json.load(resp)
             return body

@@ -57,7 +57,7 @@ async def list_batches(args: argparse.Namespace, config: Config, store: Store) -
     source = None if args.source is None else pick_source(config, args.source)
     known = set(config.named_sources())
     rows = [b for b in await store.batches(source) if b.source in known]
-    print_list(rows, time.time(), sys.stdout, as_json=args.json)
+    print_list(rows, time.time(), sys.stdout, as_json=args.json, tty=sys.stdout.isatty())
     return 0
 
 

@@ -7,6 +7,7 @@ progress over a meaningful span: a wrong estimate would be worse than none.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -62,3 +63,51 @@ def estimate(samples: list[tuple[float, int]], total: int, now: float) -> float 
     for at, finished in samples:
         window.add(at, finished, total)
     return window.eta(now)
+
+
+#: At most this many (time, finished) anchors are kept in a batch's stored knowledge.
+MAX_ANCHORS = 8
+
+Anchors = tuple[tuple[float, int], ...]
+
+
+def _window(anchors: Anchors, total: int) -> ProgressWindow:
+    window = ProgressWindow(deque(maxlen=MAX_ANCHORS))
+    window.samples.extend(anchors)
+    window.total = total
+    return window
+
+
+def advance(anchors: Anchors, now: float, finished: int) -> Anchors:
+    """The anchors after seeing `finished` requests done at `now`, by the window's rules (at most
+    `MAX_ANCHORS`, the recent `WINDOW`, a reset when counts go backwards). Kept only when counts move, so
+    the stored knowledge changes no more often than the batch body does.
+    """
+    if anchors and anchors[-1][1] == finished:
+        return anchors
+    window = _window(anchors, 0)
+    window.add(round(now, 3), finished, 0)
+    return tuple(window.samples)
+
+
+def completion(anchors: Anchors, total: int, now: float) -> int | None:
+    """When (Unix seconds) all `total` requests should be done at the pace the anchors show; None when
+    unknown, or when nothing moved for a whole `WINDOW`.
+
+    Counts unchanged since the last anchor may just not have been polled yet, so the estimate holds
+    still; once it has passed, the pause counts as part of the pace and the estimate moves later.
+    """
+    if not anchors or total <= 0:
+        return None
+    last_at, last_finished = anchors[-1]
+    if now - last_at > WINDOW:
+        return None
+    window = _window(anchors, total)
+    left = window.eta(last_at)
+    if left is None:
+        return None
+    if last_at + left < now:
+        window.add(now, last_finished, total)
+        left = window.eta(now)
+        return None if left is None else math.ceil(now + left)
+    return math.ceil(last_at + left)

@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from poller.domain.snapshot import Snapshot
 from poller.domain.transitions import Change
@@ -37,6 +37,8 @@ class EventData(BaseModel):
     request_counts: dict[str, int] | None = None
     #: The provider's batch object, unchanged.
     batch: dict[str, Any]
+    #: When the batch should finish its requests (Unix seconds), while in progress; left out when unknown.
+    eta: int | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class Event(BaseModel):
@@ -61,8 +63,10 @@ def event_id(source: str, batch_id: str, event_type: str, discriminator: str = "
     return f"evt_{digest[:32]}"
 
 
-def build_event(source: str, provider: str, snap: Snapshot, change: Change, detected_at: float) -> Event:
-    """The published event for one change of a batch, seen in `snap`."""
+def build_event(
+    source: str, provider: str, snap: Snapshot, change: Change, detected_at: float, *, eta: int | None = None
+) -> Event:
+    """The published event for one change of a batch, seen in `snap` (`eta`: its estimated completion)."""
     return Event(
         id=event_id(source, snap.id, change.type, change.discriminator),
         type=change.type,
@@ -78,6 +82,7 @@ def build_event(source: str, provider: str, snap: Snapshot, change: Change, dete
             provider_status=snap.provider_status,
             request_counts=None if snap.counts is None else snap.counts.as_dict(),
             batch=dict(snap.raw),
+            eta=eta,
         ),
     )
 

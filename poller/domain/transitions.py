@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from poller.domain.eta import Anchors, advance, completion
 from poller.domain.lifecycle import EXPIRY_WATCHED, IMPLIED, INTERMEDIATE, RANK, is_final
 from poller.domain.snapshot import Counts, Snapshot
 
@@ -33,6 +34,14 @@ class Knowledge:
     progress_at: float | None = None
     stalled_at_counts: Counts | None = None
     expiring_sent: bool = False
+    #: (time, finished requests) while in progress, when the counts moved: the pace the ETA comes from.
+    anchors: Anchors = ()
+
+    def eta(self, now: float) -> int | None:
+        """When (Unix seconds) the batch should have finished its requests; None when unknown or not in progress."""
+        if self.status != "in_progress" or self.counts is None:
+            return None
+        return completion(self.anchors, self.counts.total, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +176,21 @@ def detect(known: Knowledge, snap: Snapshot, now: float, policy: Policy) -> Dete
     )
     if not entered and not is_final(snap.status):
         new = _signal_changes(known, new, snap, policy, emit)
-    return Detection(replace(new, sequence=emit.sequence), emit.changes)
+    new = replace(new, sequence=emit.sequence, anchors=_anchors(known, snap, now))
+    return Detection(new, emit.changes)
+
+
+def _anchors(known: Knowledge, snap: Snapshot, now: float) -> Anchors:
+    """The pace samples after `snap`: kept while in progress, dropped in any other status."""
+    counts = snap.counts
+    if snap.status != "in_progress" or counts is None or counts.total <= 0:
+        return ()
+    anchors = known.anchors if known.status == "in_progress" else ()
+    started = snap.entered_at("in_progress")
+    if not anchors and counts.finished > 0 and started is not None and started < now:
+        # First seen part-way: the provider's stamp of when it started, at no requests done, is a sample too.
+        anchors = ((float(started), 0),)
+    return advance(anchors, now, counts.finished)
 
 
 def quiet(known: Knowledge, snap: Snapshot, now: float, policy: Policy) -> bool:

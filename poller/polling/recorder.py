@@ -39,11 +39,18 @@ class Recorder:
         self.on_recorded = on_recorded
 
     def _new_events(
-        self, source: str, provider: str, snap: Snapshot, changes: Sequence[Change], now: float
+        self,
+        source: str,
+        provider: str,
+        snap: Snapshot,
+        changes: Sequence[Change],
+        now: float,
+        *,
+        eta: int | None = None,
     ) -> list[NewEvent]:
         out = []
         for change in changes:
-            event = build_event(source, provider, snap, change, now)
+            event = build_event(source, provider, snap, change, now, eta=eta)
             sinks = self.router(event.type, snap.metadata, source)
             out.append(NewEvent(event.id, event.type, change.sequence, event.created_at, now, encode(event), sinks))
         return out
@@ -63,7 +70,8 @@ class Recorder:
         for obs in observations:
             if obs.row is None:
                 continue
-            events = self._new_events(source, provider, obs.snapshot, obs.changes, now)
+            eta = obs.row.knowledge.eta(now)
+            events = self._new_events(source, provider, obs.snapshot, obs.changes, now, eta=eta)
             writes.append(Write(obs.row, events, obs.body, obs.expected_sequence))
             logged += zip((obs.snapshot,) * len(events), events, obs.changes, strict=True)
         if not writes:

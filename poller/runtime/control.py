@@ -84,13 +84,13 @@ class DaemonControl:
     async def batches(self, source: str | None) -> list[dict[str, Any]]:
         self._names(source)
         rows = await self.daemon.store.batches(source, with_raw=True)
-        return [batch_view(b) for b in rows if b.source in self.daemon.runners]
+        return [batch_view(b, self.daemon.clock()) for b in rows if b.source in self.daemon.runners]
 
     async def batch(self, source: str | None, batch_id: str) -> dict[str, Any] | None:
         for name in self._names(source):
             row = await self.daemon.store.batch(name, batch_id)
             if row is not None:
-                return batch_view(row)
+                return batch_view(row, self.daemon.clock())
         return None
 
     async def track(self, ids: list[str], origin: str, source: str | None) -> tuple[list[str], list[dict[str, Any]]]:
@@ -100,7 +100,7 @@ class DaemonControl:
         for batch_id in runner.canonical(ids):
             row = await self.daemon.store.batch(runner.name, batch_id)
             if row is not None:
-                views.append(batch_view(row))
+                views.append(batch_view(row, self.daemon.clock()))
         return added, views
 
     async def untrack(self, ids: list[str], source: str | None) -> list[str]:

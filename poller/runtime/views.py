@@ -13,8 +13,9 @@ def counts_of(batch: TrackedBatch) -> dict[str, int] | None:
     return None if counts is None else counts.as_dict()
 
 
-def batch_view(batch: TrackedBatch) -> dict[str, Any]:
-    """One tracked batch: its state, status, normalized counts, schedule and (when read) its raw body."""
+def batch_view(batch: TrackedBatch, now: float) -> dict[str, Any]:
+    """One tracked batch: its state, status, normalized counts, estimated completion at `now`, schedule
+    and (when read) its raw body."""
     return {
         "id": batch.id,
         "source": batch.source,
@@ -22,6 +23,7 @@ def batch_view(batch: TrackedBatch) -> dict[str, Any]:
         "status": batch.knowledge.status,
         "sequence": batch.knowledge.sequence,
         "request_counts": counts_of(batch),
+        "eta": batch.knowledge.eta(now) if batch.state == ACTIVE else None,
         "created_at": batch.created_at,
         "updated_at": batch.updated_at,
         "next_poll_at": batch.next_due if batch.state == ACTIVE and math.isfinite(batch.next_due) else None,

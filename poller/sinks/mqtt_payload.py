@@ -23,6 +23,7 @@ def state_payload(event: Event) -> bytes:
         "provider": data.provider,
         "provider_status": data.provider_status,
         "request_counts": data.request_counts,
+        "eta": data.eta,
         "updated_at": event.created_at,
         "detected_at": data.detected_at,
         "sequence": data.sequence,

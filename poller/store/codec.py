@@ -1,6 +1,7 @@
 """How detection's knowledge is kept in a store row (JSON, the same for every store).
 
-Counts are kept as [completed, failed, total], the 0.1 layout, so version-1 rows read unchanged.
+Counts are kept as [completed, failed, total], the 0.1 layout, so version-1 rows read unchanged; the
+pace anchors of the ETA as [time, finished] pairs (absent in older rows: no estimate until counts move).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def knowledge_to_json(k: Knowledge) -> str:
             "progress_at": k.progress_at,
             "stalled_at_counts": _counts_out(k.stalled_at_counts),
             "expiring_sent": k.expiring_sent,
+            "anchors": [[at, finished] for at, finished in k.anchors],
         },
         separators=(",", ":"),
     )
@@ -52,6 +54,7 @@ def knowledge_from_json(text: str | None) -> Knowledge:
         progress_at=raw.get("progress_at"),
         stalled_at_counts=_counts_in(raw.get("stalled_at_counts")),
         expiring_sent=bool(raw.get("expiring_sent", False)),
+        anchors=tuple((float(at), int(finished)) for at, finished in raw.get("anchors", ())),
     )
 
 
