@@ -1,13 +1,16 @@
-"""The HTTP service: health probes, Prometheus metrics and the control API, on `[service] listen`.
+"""The HTTP service: health probes, Prometheus metrics, the control API and the live event stream, on
+`[service] listen`.
 
 `/healthz`, `/readyz` and `/metrics` are always open (probes and Prometheus carry no credentials);
-every `/v1/*` route requires `Authorization: Bearer <token>` when `service.token_env`/`token_file` is set.
+every `/v1/*` route requires `Authorization: Bearer <token>` when `service.token_env`/`token_file` is set
+(`/v1/events` also takes it as `?token=`, since a browser's EventSource cannot send headers).
 The service reads the daemon only through `ServiceBackend`, so this module never imports the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -27,8 +30,11 @@ from poller.service.requests import (
     number,
     query_source,
     requested_ids,
+    stream_request,
     with_status,
 )
+from poller.service.stream import EventStream
+from poller.store.base import EventLog
 
 log = structlog.get_logger("poller.service")
 
@@ -36,6 +42,14 @@ log = structlog.get_logger("poller.service")
 SHUTDOWN_GRACE = 2.0
 #: The control API's paths; everything under it needs the token when one is configured.
 CONTROL_PREFIX = "/v1/"
+#: The Server-Sent Events stream of recorded events.
+EVENTS_PATH = "/v1/events"
+#: A stream with nothing to send writes a comment this often, so proxies and clients see it is alive.
+HEARTBEAT = 15.0
+#: What a stream tells EventSource to wait before reconnecting (milliseconds).
+RETRY_MS = 3000
+#: A stream client that has not taken a frame for this long is dropped (it resumes from its Last-Event-ID).
+WRITE_TIMEOUT = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,6 +63,14 @@ class ServiceBackend(Protocol):
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def event_log(self) -> EventLog: ...
+
+    def watch_recordings(self, listener: Callable[[int | None], None]) -> Callable[[], None]:
+        """Call `listener(position)` after each recording (None when another process wrote) until the
+        returned function is called; the listener must not block."""
+        ...
 
     def liveness(self) -> tuple[bool, dict[str, object]]: ...
 
@@ -79,10 +101,18 @@ class Service:
     """
 
     def __init__(
-        self, backend: ServiceBackend, config: ServiceConfig, *, environ: dict[str, str] | None = None
+        self,
+        backend: ServiceBackend,
+        config: ServiceConfig,
+        *,
+        environ: dict[str, str] | None = None,
+        heartbeat: float = HEARTBEAT,
     ) -> None:
         self._backend = backend
         self._config = config
+        self._heartbeat = heartbeat
+        self._stream: EventStream | None = None
+        self._unwatch: Callable[[], None] | None = None
         self._token: bytes | None = None
         if config.has_token:
             self._token = read_secret("service.token", config.token_env, config.token_file, environ).encode()
@@ -102,7 +132,16 @@ class Service:
         host = self._config.host
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
+    @property
+    def stream_clients(self) -> int:
+        """How many `/v1/events` streams are open."""
+        return self._stream.clients if self._stream is not None else 0
+
     async def __aenter__(self) -> Self:
+        stream = EventStream(self._backend.event_log)
+        await stream.start()
+        self._stream = stream
+        self._unwatch = self._backend.watch_recordings(stream.notify)
         runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
         await runner.setup()
         try:
@@ -110,6 +149,7 @@ class Service:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
+            await self._close_stream()
             raise ConfigError(
                 "service.listen",
                 f"cannot listen on {self._config.listen}: {exc.strerror or exc}",
@@ -118,6 +158,7 @@ class Service:
             ) from None
         except BaseException:
             await runner.cleanup()
+            await self._close_stream()
             raise
         self._runner = runner
         self._port = int(runner.addresses[0][1])
@@ -128,8 +169,17 @@ class Service:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         runner, self._runner = self._runner, None
+        await self._close_stream()  # first: open streams end, so the runner's cleanup need not wait for them
         if runner is not None:
             await runner.cleanup()
+
+    async def _close_stream(self) -> None:
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
 
     # -- the application ---------------------------------------------------------------------------
 
@@ -140,6 +190,7 @@ class Service:
         router.add_get("/readyz", self._readyz)
         router.add_get("/metrics", self._metrics)
         router.add_get("/v1/status", self._status)
+        router.add_get(EVENTS_PATH, self._events)
         router.add_get("/v1/batches", self._list)
         router.add_post("/v1/batches", self._track)
         router.add_get("/v1/batches/{batch_id}", self._retrieve)
@@ -177,10 +228,15 @@ class Service:
     def _authorized(self, request: web.Request) -> bool:
         if self._token is None:
             return True
+        if request.path == EVENTS_PATH and "token" in request.query and "Authorization" not in request.headers:
+            return self._matches(request.query["token"])
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        return self._matches(given.strip()) and scheme.lower() == "bearer"
+
+    def _matches(self, given: str) -> bool:
+        assert self._token is not None
         # compare_digest runs in time independent of where the bytes differ.
-        match = hmac.compare_digest(given.strip().encode("utf-8", "backslashreplace"), self._token)
-        return match and scheme.lower() == "bearer"
+        return hmac.compare_digest(given.encode("utf-8", "backslashreplace"), self._token)
 
     # -- probes and metrics ------------------------------------------------------------------------
 
@@ -217,6 +273,40 @@ class Service:
 
     async def _status(self, _: web.Request) -> web.Response:
         return web.json_response(await self._backend.status())
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: each recorded event as `id: <position>`, `event: <type>`, `data: <JSON>`."""
+        filters, since = stream_request(request)
+        stream = self._stream
+        if stream is None:
+            raise web.HTTPServiceUnavailable
+        cursor = since if since is not None else await stream.start_position()
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # nginx: pass frames through as they come
+            }
+        )
+        await response.prepare(request)
+        stream.clients += 1
+        try:
+            await self._send(response, f"retry: {RETRY_MS}\n\n".encode())
+            async with contextlib.aclosing(stream.follow(cursor, filters, self._heartbeat)) as follow:
+                async for events in follow:
+                    frames = [
+                        b"id: %d\nevent: %s\ndata: %s\n\n" % (e.position, e.type.encode(), e.payload) for e in events
+                    ]
+                    await self._send(response, b"".join(frames) or b": keep-alive\n\n")
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away, or stopped reading: it resumes with Last-Event-ID
+        finally:
+            stream.clients -= 1
+        return response
+
+    @staticmethod
+    async def _send(response: web.StreamResponse, data: bytes) -> None:
+        await asyncio.wait_for(response.write(data), WRITE_TIMEOUT)
 
     async def _list(self, request: web.Request) -> web.Response:
         data = await self._backend.batches(query_source(request))
