@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from poller.config import ServiceConfig, read_secret
 from poller.errors import ConfigError
 from poller.metrics import Metrics
+from poller.service.dashboard import Dashboard
 from poller.service.requests import (
     BadRequestError,
     error,
@@ -186,6 +187,9 @@ class Service:
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
         router = app.router
+        dashboard = Dashboard()
+        router.add_get("/", dashboard.index)
+        router.add_get("/static/{name}", dashboard.asset)
         router.add_get("/healthz", self._healthz)
         router.add_get("/readyz", self._readyz)
         router.add_get("/metrics", self._metrics)
@@ -272,7 +276,10 @@ class Service:
     # -- control API -------------------------------------------------------------------------------
 
     async def _status(self, _: web.Request) -> web.Response:
-        return web.json_response(await self._backend.status())
+        body = await self._backend.status()
+        if self._stream is not None:  # where the event log is: a client may replay the last few events
+            body["events"] = {"position": self._stream.head, "stream_clients": self._stream.clients}
+        return web.json_response(body)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: each recorded event as `id: <position>`, `event: <type>`, `data: <JSON>`."""
