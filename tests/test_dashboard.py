@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from poller.config import ServiceConfig
 from poller.sim import ManualClock, OpenAISim
@@ -76,6 +77,9 @@ async def test_batches_appear_and_status_changes_show_without_a_reload(tmp_path)
         for row in rows.values():
             await expect(row.locator('td[data-label="Status"]')).to_have_text("completed")
             await expect(row.locator('td[data-label="Last event"]')).to_contain_text("batch.completed")
+        # Every event is listed once: those replayed on load and those that came live.
+        logged = await st.daemon.store.read_events(0, 1000)
+        await expect(page.locator("#events li")).to_have_count(len(logged))
         assert await page.evaluate("window.__sameDocument") is True  # no reload happened
         await page.screenshot(path=tmp_path / "dashboard.png", full_page=True)
         assert errors == []
@@ -114,6 +118,43 @@ async def test_readable_on_a_phone(tmp_path):
             )
         # Each row is a card: nothing is wider than the screen.
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert errors == []
+
+
+async def test_outside_values_show_as_text_and_an_eta_when_the_api_has_one(tmp_path):
+    sim, clock = manual_sim(seed=10)
+    ids = sim.create_batches(2)
+    hostile = '<img src=x onerror="window.__injected = 1">'
+    async with stack(tmp_path, sim, track=ids) as st, browser() as chromium:
+        clock.advance(25)
+        await eventually(lambda: {e["data"]["status"] for e in read_jsonl(st.events)} == {"validating", "in_progress"})
+        page = await chromium.new_page()
+        errors = watch_errors(page)
+        eta = int(time.time()) + 3 * 3600 + 150  # shown as 'in 3h 2m' for half a minute
+
+        async def with_eta(route: Route) -> None:  # what /v1/batches answers once it estimates completion
+            response = await route.fetch()
+            body = await response.json()
+            for view in body["data"]:
+                if view["id"] == ids[0]:
+                    view["eta"] = eta
+            await route.fulfill(response=response, json=body)
+
+        async def with_hostile_error(route: Route) -> None:  # a sink error quoting what a server sent back
+            response = await route.fetch()
+            body = await response.json()
+            body["sinks"]["file"]["last_error"] = hostile
+            await route.fulfill(response=response, json=body)
+
+        await page.route("**/v1/batches", with_eta)
+        await page.route("**/v1/status", with_hostile_error)
+        await page.goto(st.service.url)
+        first, second = (page.locator(f'tr[data-batch="{b}"] td[data-label="ETA"]') for b in ids)
+        await expect(first).to_have_text("in 3h 2m")
+        await expect(second).to_have_text("—")
+        await expect(page.locator('#sinks tr[data-sink="file"] td').nth(4)).to_have_text(hostile)
+        assert await page.locator("#sinks img").count() == 0
+        assert await page.evaluate("window.__injected") is None
         assert errors == []
 
 

@@ -307,6 +307,8 @@ class Service:
                     await self._send(response, b"".join(frames) or b": keep-alive\n\n")
         except (ConnectionError, TimeoutError):
             pass  # the client went away, or stopped reading: it resumes with Last-Event-ID
+        except Exception:  # the headers are sent: end the stream, the client resumes with Last-Event-ID
+            log.exception("event stream failed", path=request.path)
         finally:
             stream.clients -= 1
         return response

@@ -190,11 +190,13 @@
     const key = `${d.source}\u0000${d.id}`;
     const held = batches.get(key) || { id: d.id, source: d.source, sequence: 0, created_at: null };
     if ((d.sequence || 0) >= (held.sequence || 0)) {
+      // An event without an ETA keeps the last one while the status holds; a new status clears it.
+      if (isNumber(d.eta)) held.eta = d.eta;
+      else if (d.status !== held.status) held.eta = null;
       held.status = d.status;
       held.sequence = d.sequence;
       held.request_counts = d.request_counts;
       held.state = FINAL.has(d.status) ? "final" : "active";
-      if ("eta" in d) held.eta = d.eta;
       if (held.created_at === null && d.batch && isNumber(d.batch.created_at)) held.created_at = d.batch.created_at;
       held.last_event = { type: event.type, at: d.detected_at };
     }
@@ -259,11 +261,12 @@
       ["Status", el("td")],
       ["Progress", progressCell(b.request_counts)],
       ["Counts", el("td", countsText(b.request_counts), "num")],
-      ["ETA", el("td", FINAL.has(b.status) ? "—" : etaText(b.eta), "num eta")],
+      ["ETA", el("td", FINAL.has(b.status) ? "—" : etaText(b.eta), "num")],
       ["Age", el("td", isNumber(b.created_at) ? duration(now() - b.created_at) : "—", "num")],
       ["Last event", el("td")],
     ];
     cells[1][1].append(badge(b.state === "gone" ? "gone" : b.status));
+    if (isNumber(b.eta) && !FINAL.has(b.status)) cells[4][1].title = new Date(b.eta * 1000).toLocaleString();
     if (b.last_event) {
       cells[6][1].append(el("span", `${b.last_event.type} `));
       if (isNumber(b.last_event.at)) cells[6][1].append(when(b.last_event.at));
