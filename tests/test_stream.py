@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import aiohttp
 
 from poller.config import ServiceConfig
+from poller.runtime.daemon import Daemon
 from poller.service.app import Service
 from poller.service.stream import EventStream, Filters
-from poller.sim import SimClock
+from poller.sim import SimClock, serve
 from poller.store.base import LoggedEvent
-from tests.helpers import FINAL, eventually, fast_sim, read_jsonl
+from tests.helpers import FINAL, KEY, KEY_ENV, config_dict, eventually, fast_sim, make_config, read_jsonl
 from tests.sse import SSEClient, connect
 from tests.test_service import LOOPBACK, TOKEN, TOKEN_ENV, Stack, stack, two_sims, until
 
@@ -270,3 +271,26 @@ async def test_a_client_behind_the_ring_catches_up_from_the_log_then_follows_liv
     await stream.close()
     await asyncio.gather(*tasks)
     assert got == [*everything, 61]
+
+
+async def test_the_daemons_own_service_streams_and_ends_streams_when_it_stops(tmp_path):
+    sim = fast_sim(speed=0.001)
+    ids = sim.create_batches(2)
+    async with serve(sim) as url:
+        raw = config_dict(
+            url, tmp_path / "state.db", [{"kind": "file", "name": "file", "path": str(tmp_path / "e.jsonl")}]
+        )
+        raw["source"]["track"] = ids
+        raw["service"] = {"listen": "127.0.0.1:0"}
+        daemon = Daemon(make_config(raw), environ={KEY_ENV: KEY})
+        task = asyncio.create_task(daemon.run())
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        assert daemon.service is not None
+        async with aiohttp.ClientSession(base_url=daemon.service.url) as http:
+            client = await connect(http, params={"since": "0"})
+            await eventually(lambda: len(client.frames) == 2)
+            daemon.stop()
+            assert await asyncio.wait_for(task, 30) == 0
+            assert client.task is not None
+            await asyncio.wait_for(client.task, 10)  # the stream ended with the daemon
+            assert daemon.recording_listeners == []
