@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import aiohttp
 
 from poller.config import ServiceConfig
+from poller.domain.events import encode
 from poller.runtime.daemon import Daemon
 from poller.service.app import Service
 from poller.service.stream import EventStream, Filters
 from poller.sim import SimClock, serve
-from poller.store.base import LoggedEvent
-from tests.helpers import FINAL, KEY, KEY_ENV, config_dict, eventually, fast_sim, make_config, read_jsonl
+from poller.store import open_store
+from poller.store.base import LoggedEvent, NewEvent, TrackedBatch, Write
+from tests.helpers import (
+    FINAL,
+    KEY,
+    KEY_ENV,
+    config_dict,
+    eventually,
+    fast_sim,
+    make_batch,
+    make_config,
+    make_event,
+    read_jsonl,
+)
 from tests.sse import SSEClient, connect
 from tests.test_service import LOOPBACK, TOKEN, TOKEN_ENV, Stack, stack, two_sims, until
 
@@ -294,3 +308,29 @@ async def test_the_daemons_own_service_streams_and_ends_streams_when_it_stops(tm
             assert client.task is not None
             await asyncio.wait_for(client.task, 10)  # the stream ended with the daemon
             assert daemon.recording_listeners == []
+
+
+async def test_events_another_process_writes_reach_the_stream(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with stack(tmp_path, sim) as st:
+        client = await connect(st.http)
+        await eventually(lambda: client.retry == [3000])
+        event = make_event(
+            source="openai",
+            batch=make_batch("validating", "batch_elsewhere"),
+            event_type="batch.validating",
+            status="validating",
+            previous_status=None,
+            sequence=1,
+            created_at=1_700_000_000,
+            detected_at=time.time(),
+        )
+        row = NewEvent(event.id, event.type, 1, event.created_at, event.data.detected_at, encode(event), [])
+        # A second writer of the same state file, as `batch-poller` commands or another replica are.
+        async with open_store(tmp_path / "state.db") as other:
+            now = time.time()
+            await other.track("openai", ["batch_elsewhere"], "cli", now)
+            await other.record([Write(TrackedBatch("openai", "batch_elsewhere", "cli", now), [row])], now)
+        await eventually(lambda: len(client.frames) == 1)
+        assert client.frames[0].data.encode() == encode(event)
+        await client.close()
