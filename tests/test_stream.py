@@ -91,13 +91,17 @@ async def test_without_since_only_new_events_are_sent(tmp_path):
     async with stack(tmp_path, sim, track=old) as st:
         await eventually(lambda: len(read_jsonl(st.events)) == 2)
         client = await connect(st.http)
-        await eventually(lambda: client.retry == [3000])
+        # A position beyond the log's end (a state file started afresh) is where the log ends now.
+        ahead = await connect(st.http, headers={"Last-Event-ID": "999999"})
+        await eventually(lambda: client.retry == ahead.retry == [3000])
         [new] = sim.create_batches(1)
         assert (await st.post({"id": new}))[0] == 201
-        await eventually(lambda: len(client.frames) == 1)
+        await eventually(lambda: len(client.frames) == len(ahead.frames) == 1)
         assert client.frames[0].json["data"]["id"] == new
         assert client.frames[0].position == (await logged(st))[-1].position
+        assert ahead.frames[0].position == client.frames[0].position
         await client.close()
+        await ahead.close()
 
 
 async def test_filters_by_source_batch_and_type_in_replay_and_live(tmp_path):

@@ -287,7 +287,8 @@ class Service:
         stream = self._stream
         if stream is None:
             raise web.HTTPServiceUnavailable
-        cursor = since if since is not None else await stream.start_position()
+        end = await stream.start_position()
+        cursor = end if since is None else min(since, end)  # beyond the end: a log started afresh
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream; charset=utf-8",

@@ -23,8 +23,8 @@ from poller.store.base import EventLog, LoggedEvent
 
 log = structlog.get_logger("poller.service.stream")
 
-#: Events the reader keeps in memory for clients that are up to date.
-RING_SIZE = 2048
+#: Events the reader keeps in memory for clients that are up to date (a few MB at most: each holds its batch).
+RING_SIZE = 1024
 #: Events read from the log per query (by the reader, and by a client catching up).
 PAGE = 500
 #: The reader re-reads the log this often even when nothing woke it (a missed notification).
