@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench import api_economy, cpu, delivery, latency, memory, startup
+from bench import api_economy, cpu, delivery, failover, latency, memory, startup
 from bench.common import ROOT, Row, Section, machine
 
 #: Each module has a docstring saying what it measures and `run(ctx) -> Section`; `ctx` carries figures
@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "memory": memory,
     "delivery": delivery,
     "startup": startup,
+    "replicas": failover,
 }
 HEADERS = ("Figure", "batch-poller", "Alternative", "Ratio", "Target", "Met")
 OUTPUT = ROOT / "bench" / "RESULTS.md"

@@ -71,6 +71,20 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 300, 3600),
             registry=r,
         )
+        # Replicas on a shared store (PostgreSQL); absent with SQLite, where one process polls everything.
+        self.replica_info = Gauge(
+            "batch_poller_replica_info", "1, labelled with this replica's name", ["replica"], registry=r
+        )
+        self.replicas = Gauge("batch_poller_replicas", "Live replicas this replica sees in the lease table", registry=r)
+        self.source_polled = Gauge(
+            "batch_poller_source_polled",
+            "1 while this replica holds the source's lease and polls it, 0 while another replica does",
+            ["source"],
+            registry=r,
+        )
+        self.lease_failures = Counter(
+            "batch_poller_lease_failures", "Lease rounds that could not reach the store", registry=r
+        )
 
     def source(self, name: str) -> SourceMetrics:
         return SourceMetrics(self, name)

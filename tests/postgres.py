@@ -9,6 +9,7 @@ for `postgres_cluster` (session scope) or `postgres_database` (a fresh, empty da
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -83,8 +84,9 @@ def _run(prefix: list[str], *args: str) -> None:
         pytest.fail(f"{' '.join(args[:2])} failed ({done.returncode}): {done.stdout}{done.stderr}")
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[Cluster]:
+@contextlib.contextmanager
+def private_cluster() -> Iterator[Cluster]:
+    """Start a private cluster (stopped and removed on exit); also what `make bench` uses."""
     bin_dir = _binaries()
     prefix, user = _runner()
     root = Path(tempfile.mkdtemp(prefix="poller-pg-"))
@@ -125,12 +127,24 @@ def postgres_cluster() -> Iterator[Cluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    with private_cluster() as cluster:
+        yield cluster
+
+
+def create_database(cluster: Cluster) -> str:
+    """A new, empty database owned by `ROLE`; returns its name."""
+    name = f"test_{os.getpid()}_{next(_databases)}"
+    with cluster.admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}" OWNER {ROLE}'.encode())
+    return name
+
+
 @pytest.fixture
 def postgres_database(postgres_cluster: Cluster) -> Iterator[str]:
     """The name of a new, empty database owned by `ROLE`, dropped after the test."""
-    name = f"test_{os.getpid()}_{next(_databases)}"
-    with postgres_cluster.admin() as admin:
-        admin.execute(f'CREATE DATABASE "{name}" OWNER {ROLE}'.encode())
+    name = create_database(postgres_cluster)
     try:
         yield name
     finally:

@@ -61,6 +61,11 @@ class StateConfig(Section):
     url: str | None = None
     password_env: str | None = None
     password_file: Path | None = None
+    #: This replica's name in leases, outbox claims, /v1/status, metrics and logs (PostgreSQL);
+    #: default `<host name>:<pid>`.
+    replica_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:@-]{1,200}$")
+    #: How long a replica's lease on a source lasts; it is renewed every third of it (PostgreSQL).
+    lease_ttl: Duration = Field(default=30.0, ge=3.0, le=3600.0)
 
     @field_validator("url")
     @classmethod

@@ -95,6 +95,12 @@ class Tracker:
         self.batches = fresh
         self.period = self.walk_period()
 
+    def clear(self) -> None:
+        """Forget everything, so the next `load` takes the store's rows as they are (another replica's)."""
+        self.batches = {}
+        self.progress.clear()
+        self.next_walk = -math.inf
+
     def add(self, row: TrackedBatch) -> None:
         row.raw = None  # the poll loop keeps only the fingerprint
         self.batches[row.id] = row

@@ -54,10 +54,30 @@ class DaemonControl:
             "status_line": d.status_line(),
             "ready": ready,
             "reasons": detail.get("reasons", []),
-            "sources": {name: runner.view() for name, runner in d.runners.items()},
+            "sources": self._source_views(),
             "sinks": await self.sink_views(),
             "tracked": self._flat_counts(),
+            "replica": self._replica(),
         }
+
+    def _source_views(self) -> dict[str, dict[str, object]]:
+        d = self.daemon
+        polling = set(d.polling())
+        leases = d.leasing.view()["leases"] if d.leasing is not None else {}
+        assert isinstance(leases, dict)
+        views: dict[str, dict[str, object]] = {}
+        for name, runner in d.runners.items():
+            view: dict[str, object] = runner.view() if name in polling else {"provider": runner.provider_name}
+            held = leases.get(name)
+            view["polled_by"] = d.replica_name if name in polling else (held["holder"] if held else None)
+            views[name] = view
+        return views
+
+    def _replica(self) -> dict[str, object]:
+        d = self.daemon
+        if d.leasing is not None:
+            return d.leasing.view()
+        return {"name": d.replica_name, "polling": d.polling(), "replicas": [d.replica_name], "leases": {}}
 
     def _flat_counts(self) -> dict[str, int]:
         total: dict[str, int] = {}

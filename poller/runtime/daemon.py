@@ -28,12 +28,13 @@ from poller.errors import ConfigError
 from poller.metrics import Metrics
 from poller.polling.recorder import Recorder
 from poller.polling.runner import SourceRunner
+from poller.runtime.leasing import LeaseKeeper
 from poller.runtime.notify import Notifier, watchdog_loop
 from poller.runtime.reload import Reloader
 from poller.runtime.sinkset import SinkSet
 from poller.sinks.registry import build_sink
 from poller.store import open_store
-from poller.store.base import Recorded, Store
+from poller.store.base import Recorded, Store, default_replica_name
 
 if TYPE_CHECKING:
     from poller.service.app import Service
@@ -67,7 +68,11 @@ class Daemon:
         self.rand = rand
         self.metrics = metrics or Metrics()
         self.notifier = notifier if notifier is not None else Notifier.from_env(self.environ)
+        #: One runner per configured source; with replicas, only those whose lease this one holds poll.
         self.runners: dict[str, SourceRunner] = {}
+        self.replica_name = config.state.replica_name or default_replica_name()
+        #: Set when the store is shared (PostgreSQL): sources are polled under per-source leases.
+        self.leasing: LeaseKeeper | None = None
         self.exit_code = 0
         self.ready = asyncio.Event()
         self.service: Service | None = None
@@ -109,6 +114,10 @@ class Daemon:
         """Re-read the config at the next tick (what SIGHUP does)."""
         self._reload_requested = True
 
+    def polling(self) -> list[str]:
+        """The sources this process polls: every one, or with replicas those whose lease it holds."""
+        return [name for name in self.runners if f"poller.source[{name}]" in self._tasks]
+
     def runner(self, source: str | None) -> SourceRunner:
         """The runner of `source`, or the only one when `source` is None; ConfigError when ambiguous."""
         if source is None:
@@ -127,9 +136,21 @@ class Daemon:
     async def run(self) -> int:
         try:
             async with AsyncExitStack() as stack:
-                state = open_store(self.config.state, self.environ)
+                state = open_store(self.config.state, self.environ, name=self.replica_name)
                 self._store = await stack.enter_async_context(state)
                 self.store_open = True
+                if self.config.state.url is not None:  # a shared store: replicas split the sources
+                    structlog.contextvars.bind_contextvars(replica=self.replica_name)
+                    self.leasing = LeaseKeeper(
+                        self.store,
+                        self.replica_name,
+                        self.config.state.lease_ttl,
+                        sources=lambda: list(self.runners),
+                        start=self._start_polling,
+                        stop=self._stop_polling,
+                        clock=self.clock,
+                        metrics=self.metrics,
+                    )
                 self._sinks = SinkSet(
                     self.store, self.metrics, on_crash=self._crashed, clock=self.clock, rand=self.rand
                 )
@@ -165,17 +186,42 @@ class Daemon:
             rand=self.rand,
         )
         self.runners[runner.name] = runner
-        if self._tasks:  # serving already: start it now
-            self._supervise(f"poller.source[{runner.name}]", runner.run())
+        if self._tasks:  # serving already: start it now (with replicas, once its lease is taken)
+            if self.leasing is None:
+                self._supervise(f"poller.source[{runner.name}]", runner.run())
+            else:
+                self.leasing.wake()
         return runner
 
     async def remove_runner(self, name: str) -> None:
+        if self.leasing is not None:
+            await self.leasing.forget(name)  # stops its polling and frees its lease at once
         runner = self.runners.pop(name)
         task = self._tasks.pop(f"poller.source[{name}]", None)
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await runner.close()
+
+    async def _start_polling(self, name: str) -> None:
+        """This replica took `name`'s lease: poll it, from the store's rows (another replica polled it)."""
+        runner = self.runners[name]
+        runner.tracker.clear()
+        self._supervise(f"poller.source[{name}]", runner.run())
+
+    async def _stop_polling(self, name: str) -> None:
+        """`name`'s lease is given up or lost: stop its loop, keep its batches' pace for the next holder."""
+        task = self._tasks.pop(f"poller.source[{name}]", None)
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        runner = self.runners.get(name)
+        if runner is not None:
+            try:
+                await runner.close()
+            except Exception:  # the store is unreachable: the next holder starts from the last saved pace
+                log.warning("could not save the schedule of a source", source=name, exc_info=True)
 
     def _recorded(self, recorded: Recorded) -> None:
         workers = self.sinks.workers
@@ -207,8 +253,12 @@ class Daemon:
 
     async def _serve(self) -> None:
         self.sinks.start()
-        for name, runner in self.runners.items():
-            self._supervise(f"poller.source[{name}]", runner.run())
+        if self.leasing is None:
+            for name, runner in self.runners.items():
+                self._supervise(f"poller.source[{name}]", runner.run())
+        else:
+            await self.leasing.round()  # the sources this replica polls from the start
+            self._supervise("poller.leasing", self.leasing.run())
         self._supervise("poller.changes", self._watch_changes())
         self._supervise("poller.housekeeping", self._housekeeping())
         watchdog = asyncio.create_task(watchdog_loop(self.notifier, lambda: self.liveness()[0]), name="poller.watchdog")
@@ -222,7 +272,8 @@ class Daemon:
             log.info(
                 "batch-poller started",
                 sources={n: r.provider_name for n, r in self.runners.items()},
-                tracking=sum(len(r.tracker.active()) for r in self.runners.values()),
+                polling=self.polling(),
+                tracking=sum(len(self.runners[n].tracker.active()) for n in self.polling()),
                 sinks=list(self.sinks.workers),
                 state=self.store.description,
                 listen=self.config.service.listen if self.config.service.enabled else None,
@@ -231,6 +282,14 @@ class Daemon:
         loaded.cancel()
         self.notifier.stopping()
         log.info("shutting down", deadline=self.config.service.shutdown_timeout)
+        if self.leasing is not None:
+            # Stop polling and release every lease first, so the other replicas take over at once.
+            keeper = self._tasks.pop("poller.leasing", None)
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
+            await self.leasing.close()
+        polled = self.polling()
         tasks = [*self._tasks.values(), watchdog]
         for task in tasks:
             task.cancel()
@@ -238,11 +297,11 @@ class Daemon:
         self._tasks.clear()
         # In-flight deliveries get the deadline; whatever is left stays in the outbox for the next start.
         await self._close_sinks()
-        await asyncio.gather(*(r.close() for r in self.runners.values()), return_exceptions=True)
+        await asyncio.gather(*(self.runners[n].close() for n in polled), return_exceptions=True)
         log.info("stopped")
 
     async def _all_loaded(self) -> None:
-        await asyncio.gather(*(r.loaded.wait() for r in self.runners.values()))
+        await asyncio.gather(*(self.runners[n].loaded.wait() for n in self.polling()))
 
     async def _close_sinks(self) -> None:
         if self._sinks is not None:
@@ -256,8 +315,10 @@ class Daemon:
             self.sinks.wake()
             for listener in self.recording_listeners:
                 listener(None)
-            for runner in self.runners.values():
-                await runner.reload_tracked()
+            if self.leasing is not None:
+                self.leasing.wake()  # perhaps another replica released its leases
+            for name in self.polling():
+                await self.runners[name].reload_tracked()
 
     async def _housekeeping(self) -> None:
         while not self._stop.is_set():  # once stopping, return: waiting on a set event would spin
@@ -281,24 +342,29 @@ class Daemon:
         """Alive while the housekeeping loop ticks and every runner ticks or its requests progress."""
         now = time.monotonic()
         age = now - self.loop_tick if self.loop_tick else None
-        stuck = [name for name, r in self.runners.items() if r.loaded.is_set() and not r.alive(now)]
+        runners = {n: self.runners[n] for n in self.polling()}
+        stuck = [name for name, r in runners.items() if r.loaded.is_set() and not r.alive(now)]
         ok = age is not None and age < LOOP_STALL and not stuck
         return ok, {"loop_tick_age": None if age is None else round(age, 3), "stuck_sources": stuck}
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready when the store is open and every source's API works (credentials, base_url, recent polls)."""
         reasons = [] if self.store_open else ["state store is not open"]
-        for runner in self.runners.values():
-            reasons += runner.readiness()
-        last = {n: r.health.last_success for n, r in self.runners.items()}
+        polling = self.polling()
+        for name in polling:
+            reasons += self.runners[name].readiness()
+        last = {n: self.runners[n].health.last_success for n in polling}
         return not reasons, {"reasons": reasons, "last_success": last}
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: tracking, each source's API health and each failing sink."""
-        total = sum(len(r.tracker.active()) for r in self.runners.values())
+        polling = self.polling()
+        total = sum(len(self.runners[n].tracker.active()) for n in polling)
         parts = [f"tracking {total} batches"]
-        for name, runner in self.runners.items():
-            health = runner.health
+        if self.leasing is not None:
+            parts.append(f"replica {self.replica_name} polls {', '.join(polling) or 'no source'}")
+        for name in polling:
+            health = self.runners[name].health
             if health.auth_failing:
                 parts.append(f"{name}: API REJECTS CREDENTIALS")
             elif health.misconfigured:
@@ -310,4 +376,5 @@ class Daemon:
         return "; ".join(parts)
 
     def tracked_counts(self) -> dict[str, dict[str, int]]:
-        return {name: runner.tracked_counts() for name, runner in self.runners.items()}
+        """Active batches by status of each source this process polls (replicas: sum over all of them)."""
+        return {name: self.runners[name].tracked_counts() for name in self.polling()}

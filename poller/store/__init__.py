@@ -27,7 +27,7 @@ def open_store(
 
         password = state.password(environ)
         conninfo = state.url if password is None else make_conninfo(state.url, password=password)
-        return PostgresStore(conninfo, state.url, name=name)
+        return PostgresStore(conninfo, state.url, name=name, claim_ttl=2 * state.lease_ttl)
     from poller.store.sqlite import SqliteStore  # noqa: PLC0415
 
     path = state.check_usable(environ) if isinstance(state, StateConfig) else state

@@ -7,6 +7,8 @@ Nothing outside a store knows its file, its SQL or how it learns of other writer
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -15,6 +17,11 @@ from typing import Any, Protocol, Self
 from poller.domain.transitions import Knowledge
 
 ACTIVE, FINAL, GONE = "active", "final", "gone"
+
+
+def default_replica_name() -> str:
+    """A replica's name when `[state] replica_name` is not set: `<host name>:<pid>`."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(slots=True)

@@ -343,10 +343,11 @@
       const tr = el("tr");
       tr.dataset.source = name;
       const health = el("td");
-      health.append(badge(view.health));
+      if (view.health) health.append(badge(view.health));
+      else health.textContent = view.polled_by ? `polled by ${view.polled_by}` : "not polled here";
       const last = el("td");
       if (isNumber(view.last_success)) last.append(when(view.last_success));
-      else last.textContent = "never";
+      else last.textContent = view.health ? "never" : "—";
       let problem = view.misconfigured || "—";
       if (!view.misconfigured && isNumber(view.api_failing_since)) {
         problem = `unreachable for ${duration(now() - view.api_failing_since)}`;

@@ -10,9 +10,7 @@ Needs a session-level connection for LISTEN: not behind PgBouncer in transaction
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -22,7 +20,16 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from poller.errors import ConfigError
-from poller.store.base import Delivery, LoggedEvent, NewEvent, OutboxRow, Recorded, TrackedBatch, Write
+from poller.store.base import (
+    Delivery,
+    LoggedEvent,
+    NewEvent,
+    OutboxRow,
+    Recorded,
+    TrackedBatch,
+    Write,
+    default_replica_name,
+)
 from poller.store.postgres import batches as b
 from poller.store.postgres import events as e
 from poller.store.postgres import leases as le
@@ -37,10 +44,6 @@ FALLBACK_INTERVAL = 5.0
 CONNECT_TIMEOUT = 10
 
 
-def default_replica_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 class PostgresStore:
     """The PostgreSQL implementation of `poller.store.base.Store`.
 
@@ -48,11 +51,20 @@ class PostgresStore:
     `description` is what may be shown. `name` identifies this replica in the claims it holds.
     """
 
-    def __init__(self, conninfo: str, description: str, *, name: str | None = None, pool_size: int = 4) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        description: str,
+        *,
+        name: str | None = None,
+        pool_size: int = 4,
+        claim_ttl: float = o.CLAIM_TTL,
+    ) -> None:
         self.conninfo = conninfo
         self.description = description
         self.name = name or default_replica_name()
         self.pool_size = pool_size
+        self.claim_ttl = claim_ttl
         # Tells this store's own notifications from other connections'.
         self._token = secrets.token_hex(8)
         self._pool: AsyncConnectionPool[Conn] | None = None
@@ -95,6 +107,9 @@ class PostgresStore:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._pool is not None:
+            with contextlib.suppress(psycopg.Error):  # else they run out on their own
+                await self._run(lambda c: o.release_claims(c, self.name), write=True)
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -209,7 +224,9 @@ class PostgresStore:
 
     async def claim_heads(self, sink: str, now: float, busy: set[tuple[str, str]], limit: int) -> list[OutboxRow]:
         taken = set(busy)
-        return await self._run(lambda c: o.claim_heads(c, self.name, sink, now=now, busy=taken, limit=limit))
+        return await self._run(
+            lambda c: o.claim_heads(c, self.name, sink, now=now, busy=taken, limit=limit, ttl=self.claim_ttl)
+        )
 
     async def next_ready_at(self, sink: str, busy: set[tuple[str, str]]) -> float | None:
         taken = set(busy)

@@ -14,7 +14,8 @@ from typing import Any
 from poller.store.base import Delivery, OutboxRow
 from poller.store.postgres.batches import Conn, bump_revision
 
-#: How long a claimed head stays with its replica before another may take it over.
+#: How long a claimed head stays with its replica before another may take it over (the store's default:
+#: twice `[state] lease_ttl`; longer than a send may take, so a slow send is rarely duplicated).
 CLAIM_TTL = 60.0
 
 _CLAIM = (
@@ -34,7 +35,7 @@ def _busy(busy: set[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 async def claim_heads(
-    conn: Conn, me: str, sink: str, *, now: float, busy: set[tuple[str, str]], limit: int
+    conn: Conn, me: str, sink: str, *, now: float, busy: set[tuple[str, str]], limit: int, ttl: float = CLAIM_TTL
 ) -> list[OutboxRow]:
     cur = await conn.execute(_CLAIM, {"sink": sink, "now": now, "me": me, "limit": limit, **_busy(busy)})
     taken: set[tuple[str, str]] = set()
@@ -59,7 +60,7 @@ async def claim_heads(
     if out:
         await conn.execute(
             "UPDATE outbox SET claimed_by = %s, claimed_until = %s WHERE sink = %s AND event_id = ANY(%s)",
-            (me, now + CLAIM_TTL, sink, [r.event_id for r in out]),
+            (me, now + ttl, sink, [r.event_id for r in out]),
         )
     return out
 
@@ -167,3 +168,8 @@ async def outbox_stats(conn: Conn) -> dict[str, dict[str, Any]]:
         if r["state"] == "pending":
             entry["oldest_pending"] = float(r["oldest"])
     return stats
+
+
+async def release_claims(conn: Conn, me: str) -> None:
+    """Free `me`'s claims (a clean shutdown), so another replica sends those heads at once."""
+    await conn.execute("UPDATE outbox SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = %s", (me,))
