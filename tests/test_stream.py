@@ -27,8 +27,11 @@ from tests.helpers import (
     make_config,
     make_event,
     read_jsonl,
+    running,
 )
+from tests.postgres import PASSWORD
 from tests.sse import SSEClient, connect
+from tests.test_replicas import ENV, replica_config, sims
 from tests.test_service import LOOPBACK, TOKEN, TOKEN_ENV, Stack, stack, two_sims, until
 
 
@@ -338,3 +341,33 @@ async def test_events_another_process_writes_reach_the_stream(tmp_path):
         await eventually(lambda: len(client.frames) == 1)
         assert client.frames[0].data.encode() == encode(event)
         await client.close()
+
+
+async def test_a_replicas_stream_carries_the_events_another_replica_records(
+    postgres_cluster, postgres_database, tmp_path
+):
+    async with sims(2, speed=0.001) as served:
+        urls = {name: url for name, (_, url) in served.items()}
+        env = {ENV: PASSWORD}
+        a_raw = replica_config(postgres_cluster, postgres_database, urls, tmp_path, "alpha", lease_ttl="30s")
+        a_raw["service"] = {"listen": "127.0.0.1:0"}
+        b_raw = replica_config(postgres_cluster, postgres_database, urls, tmp_path, "beta", lease_ttl="30s")
+        async with running(make_config(a_raw), environ=env) as a, running(make_config(b_raw), environ=env) as b:
+            await eventually(lambda: len(a.polling()) == 1 and len(b.polling()) == 1, timeout=30)
+            assert a.service is not None
+            async with aiohttp.ClientSession(base_url=a.service.url) as http:
+                client = await connect(http, params={"since": "0"})
+                created = {
+                    name: sim.create_batches(2) for name, (sim, _) in served.items()
+                }  # discovered by each poller
+                await eventually(
+                    lambda: (
+                        {(f.json["data"]["source"], f.json["data"]["id"]) for f in client.frames}
+                        == {(s, i) for s, ids in created.items() for i in ids}
+                    ),
+                    timeout=30,
+                )
+                log = [e for e in await a.store.read_events(0, 1000) if e.type != "batch.pruned"]
+                await client.close()
+                same_as_log(client.frames, log)
+                assert {e.source for e in log} == set(b.polling()) | set(a.polling())
