@@ -352,6 +352,7 @@ async def test_a_replicas_stream_carries_the_events_another_replica_records(
         a_raw = replica_config(postgres_cluster, postgres_database, urls, tmp_path, "alpha", lease_ttl="30s")
         a_raw["service"] = {"listen": "127.0.0.1:0"}
         b_raw = replica_config(postgres_cluster, postgres_database, urls, tmp_path, "beta", lease_ttl="30s")
+        b_raw["service"] = {"listen": "127.0.0.1:0"}
         async with running(make_config(a_raw), environ=env) as a, running(make_config(b_raw), environ=env) as b:
             await eventually(lambda: len(a.polling()) == 1 and len(b.polling()) == 1, timeout=30)
             assert a.service is not None
@@ -371,3 +372,11 @@ async def test_a_replicas_stream_carries_the_events_another_replica_records(
                 await client.close()
                 same_as_log(client.frames, log)
                 assert {e.source for e in log} == set(b.polling()) | set(a.polling())
+            # The positions are the shared log's: a client resumes on another replica where it left off.
+            assert b.service is not None
+            async with aiohttp.ClientSession(base_url=b.service.url) as http:
+                half = client.frames[len(client.frames) // 2 - 1]
+                resumed = await connect(http, headers={"Last-Event-ID": str(half.id)})
+                await eventually(lambda: len(resumed.frames) >= len(log) - len(client.frames) // 2)
+                await resumed.close()
+                same_as_log(resumed.frames, log[len(client.frames) // 2 :])
