@@ -17,13 +17,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/batch-poller demo
 
-# The test suite starts its own Mosquitto brokers, checks the systemd unit with systemd-analyze and
-# drives Debian's chromium through Playwright for the dashboard (never `playwright install`).
+# The test suite starts its own Mosquitto brokers, checks the systemd unit with systemd-analyze and the
+# alert rules with promtool (Debian's prometheus package), and drives Debian's chromium through
+# Playwright for the dashboard (never `playwright install`).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v mosquitto_passwd >/dev/null 2>&1 || [ -x /usr/bin/mosquitto_passwd ] || missing="$$missing mosquitto"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \

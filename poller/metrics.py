@@ -46,6 +46,12 @@ class Metrics:
         self.tracked = Gauge(
             "batch_poller_tracked_batches", "Tracked batches by source and status", ["source", "status"], registry=r
         )
+        self.stalled = Gauge(
+            "batch_poller_stalled_batches",
+            "Batches in progress whose request counts have not moved for poll.stall_after, by source",
+            ["source"],
+            registry=r,
+        )
         self.source_up = Gauge(
             "batch_poller_source_up",
             "1 while the source's API answers and accepts the credentials, 0 while it fails",

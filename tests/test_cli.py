@@ -31,6 +31,7 @@ from tests.helpers import (
     eventually,
     fast_sim,
     make_config,
+    read_jsonl,
     running,
     write_toml,
 )
@@ -222,6 +223,77 @@ async def test_probe_with_a_wrong_key_fails_naming_the_api_key(tmp_path):
     assert "sources.openai.api_key_env" in result.stderr
     assert secret not in result.stdout + result.stderr
     assert sim.stats.unauthorized == 1
+
+
+def test_check_config_json_reports_sources_sinks_and_state(config, tmp_path):
+    result = cli("check-config", "--json", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    report = json.loads(line)
+    assert report == {
+        "ok": True,
+        "sources": {"openai": {"provider": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+        "sinks": {"file": {"kind": "file"}},
+        "state": str(tmp_path / "state.db"),
+        "warnings": [],
+    }
+
+
+async def test_check_config_json_probe_says_which_source_failed_and_the_fix(tmp_path):
+    secret = "sk-wrong-and-never-printed-0123456789"
+    good, bad = fast_sim(speed=0.001), fast_sim(speed=0.001)
+    good.create_batches(2)
+    async with serve(good) as good_url, serve(bad) as bad_url:
+        raw = config_dict(good_url, tmp_path / "state.db", [])
+        del raw["source"]
+        raw["sources"] = [
+            {"name": "good", "provider": "openai", "base_url": good_url, "api_key_env": KEY_ENV},
+            {"name": "bad", "provider": "openai", "base_url": bad_url, "api_key_env": "BATCH_POLLER_TEST_BAD_KEY"},
+        ]
+        path = write_toml(tmp_path / "two.toml", raw)
+        result = await acli(
+            "check-config",
+            "--probe",
+            "--json",
+            "--config",
+            str(path),
+            env=cli_env({"BATCH_POLLER_TEST_BAD_KEY": secret}),
+        )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == ""
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert report["sinks"] == {}
+    assert report["warnings"] == ["no [[sinks]] configured: events are recorded but published nowhere"]
+    assert report["probe"]["good"] == {
+        "ok": True,
+        "base_url": good_url,
+        "detail": "answers and lists 2 batch(es) on its first page",
+        "fix": None,
+    }
+    failed = report["probe"]["bad"]
+    assert failed["ok"] is False
+    assert "401" in failed["detail"]
+    assert "sources.bad.api_key_env" in failed["fix"]
+    assert secret not in result.stdout
+
+
+async def test_show_json_prints_each_recorded_event_whole(tmp_path):
+    sim = fast_sim(speed=0.001)
+    [batch_id] = sim.create_batches(1)
+    events = tmp_path / "events.jsonl"
+    async with serve(sim) as url:
+        raw = config_dict(url, tmp_path / "state.db", [{"kind": "file", "path": str(events)}])
+        raw["source"]["track"] = [batch_id]
+        async with running(make_config(raw)):
+            await eventually(lambda: bool(read_jsonl(events)))
+    path = write_toml(tmp_path / "show.toml", raw)
+    result = await acli("show", batch_id, "--json", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    shown = [json.loads(line) for line in result.stdout.splitlines()]
+    assert shown == read_jsonl(events)
+    assert [e["type"] for e in shown] == ["batch.validating"]
+    assert shown[0]["data"]["id"] == batch_id
 
 
 # -- secrets: only what a command uses ------------------------------------------------------------

@@ -24,7 +24,7 @@ from poller.polling.runner import SourceRunner
 from poller.runtime.control import DaemonControl
 from poller.runtime.daemon import Daemon
 from poller.service.app import Service
-from poller.sim import OpenAISim, SimClock, serve
+from poller.sim import ManualClock, OpenAISim, SimClock, SimProfile, serve
 from tests.helpers import (
     KEY_ENV,
     cli_env,
@@ -98,6 +98,7 @@ async def stack(
     service: ServiceConfig = LOOPBACK,
     environ: dict[str, str] | None = None,
     extra_sinks: list[dict[str, Any]] | None = None,
+    poll: dict[str, Any] | None = None,
 ) -> AsyncIterator[Stack]:
     """Simulators, a daemon with a file sink, and a Service on a free loopback port; torn down in reverse.
 
@@ -108,7 +109,7 @@ async def stack(
     async with AsyncExitStack() as stack:
         urls = {name: await stack.enter_async_context(serve(s)) for name, s in sims.items()}
         sinks = [{"kind": "file", "name": "file", "path": str(events)}, *(extra_sinks or [])]
-        raw = config_dict(next(iter(urls.values())), tmp_path / "state.db", sinks)
+        raw = config_dict(next(iter(urls.values())), tmp_path / "state.db", sinks, **(poll or {}))
         if isinstance(sim, dict):
             del raw["source"]
             raw["sources"] = [
@@ -250,6 +251,27 @@ async def test_metrics_show_a_failing_sinks_backlog(tmp_path):
         assert status == 200
         assert body["sinks"]["broken"]["pending"] == 2
         assert body["sinks"]["broken"]["health"] != "ok"
+
+
+async def test_stalled_batches_gauge_follows_a_stall_and_its_end(tmp_path):
+    clock = ManualClock()  # the simulated batch does not move until the test moves this clock
+    profile = SimProfile(validating_s=(1, 1), in_progress_s=(3600, 3600), p_failed=0, p_expired=0, requests=(100, 100))
+    sim = OpenAISim(clock=clock, profile=profile, seed=3)
+    [stuck] = sim.create_batches(1, created_at=clock.now() - 600)
+    assert sim.get(stuck)["status"] == "in_progress"
+    async with stack(tmp_path, sim, track=[stuck], poll={"stall_after": "1s", "progress": False}) as st:
+        await eventually(lambda: any(e["type"] == "batch.stalled" for e in read_jsonl(st.events)))
+        samples = await scrape(st)
+        assert total(samples, "batch_poller_stalled_batches", source="openai") == 1
+        assert total(samples, "batch_poller_tracked_batches", source="openai", status="in_progress") == 1
+
+        clock.advance(600)  # its request counts move on
+
+        async def cleared() -> bool:
+            return total(await scrape(st), "batch_poller_stalled_batches", source="openai") == 0
+
+        await until(cleared)
+        assert sim.get(stuck)["status"] == "in_progress"
 
 
 # -- control API ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from poller.domain.events import Event, build_event
 from poller.domain.snapshot import Snapshot
-from poller.domain.transitions import Change, Detection, Knowledge, Policy, detect, pruned
+from poller.domain.transitions import Change, Detection, Knowledge, Policy, detect, pruned, stalled
 from tests.helpers import make_snapshot
 
 SOURCE = "openai"
@@ -515,6 +515,43 @@ def test_stalled(polls: list[tuple[float, str, int]], expected: list[int]) -> No
     stalls = [e for e in run.events if e.type == "batch.stalled"]
     assert len({e.id for e in stalls}) == len(stalls)  # a new stall is a new event
     assert_sequences_consecutive(run.events)
+
+
+STALLED_NOW_CASES = [
+    # id, polls as (seconds after NOW, status, completed count), whether the batch counts as stalled after each
+    pytest.param([(0, "in_progress", 5), (1000, "in_progress", 5)], [False, False], id="not-yet"),
+    pytest.param(
+        [(0, "in_progress", 5), (1800, "in_progress", 5), (2500, "in_progress", 5)],
+        [False, True, True],
+        id="from-its-stall-event-on",
+    ),
+    pytest.param(
+        [(0, "in_progress", 5), (1800, "in_progress", 5), (1900, "in_progress", 6)],
+        [False, True, False],
+        id="cleared-when-counts-move",
+    ),
+    pytest.param(
+        [(0, "in_progress", 5), (1800, "in_progress", 5), (1900, "finalizing", 5)],
+        [False, True, False],
+        id="cleared-when-status-moves",
+    ),
+    pytest.param(
+        [(0, "in_progress", 5), (1800, "in_progress", 5), (1900, "in_progress", 6), (3700, "in_progress", 6)],
+        [False, True, False, True],
+        id="stalled-again-at-new-counts",
+    ),
+]
+
+
+@pytest.mark.parametrize(("polls", "expected"), STALLED_NOW_CASES)
+def test_stalled_now(polls: list[tuple[float, str, int]], expected: list[bool]) -> None:
+    """What `batch_poller_stalled_batches` counts: a batch from its `batch.stalled` until it moves."""
+    run = Run(policy=QUIET)
+    seen = []
+    for offset, status, done in polls:
+        run.poll(make_snapshot(status, request_counts=counts(done)), NOW + offset)
+        seen.append(stalled(run.knowledge))
+    assert seen == expected
 
 
 # -- expiry ------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from poller import __version__
+from poller.cli.completion import SHELLS
+from poller.cli.config_cmd import CHOICES as CONFIG_CHOICES
 from poller.config import Config, find_config_path, load_config
 from poller.config.sinks import SINK_KINDS
 from poller.errors import ConfigError
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable")
     p = sub.add_parser("check-config", parents=[common], help="validate the config and its secrets, then exit")
     p.add_argument("--probe", action="store_true", help="also ask each source's API once whether URL and key work")
+    p.add_argument("--json", action="store_true", help="the findings as one JSON object")
     p = sub.add_parser("cancel", parents=[sourced], help="cancel a batch through the API")
     p.add_argument("id", metavar="ID")
     p = sub.add_parser("deliveries", parents=[common], help="pending and dead-lettered deliveries per sink")
@@ -61,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--event", help="one event id")
     which.add_argument("--all-dead", action="store_true", help="every dead-lettered delivery")
+    p = sub.add_parser("config", help="print the example config, the systemd unit or the config's JSON Schema")
+    p.add_argument("what", choices=CONFIG_CHOICES, help="example: config.example.toml; unit: the systemd unit")
+    p = sub.add_parser("completion", help="print the shell completion script for bash or zsh")
+    p.add_argument("shell", choices=SHELLS)
     p = sub.add_parser("demo", help="simulated Batch API + daemon, no key or broker needed (about a minute)")
     p.add_argument("--batches", type=int, default=10, help="how many batches (default 10)")
     p = sub.add_parser("simulate", help="run a simulated provider Batch API on a local port (for trials)")
@@ -99,6 +106,15 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one return pe
         from poller.sim.__main__ import run  # noqa: PLC0415
 
         return run(args)
+    if command == "config":
+        from poller.cli.config_cmd import run as print_config  # noqa: PLC0415
+
+        return print_config(args.what)
+    if command == "completion":
+        from poller.cli.completion import script  # noqa: PLC0415
+
+        sys.stdout.write(script(_parser(), args.shell))
+        return 0
     path = find_config_path(args.config)
     config = load_config(path, require_file=command == "run")
     if command == "run":
@@ -106,7 +122,7 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one return pe
 
         return run_daemon(config, path)
     if command == "check-config":
-        return _check_config(config, probe=args.probe)
+        return _check_config(config, probe=args.probe, as_json=args.json)
     if command == "cancel":
         from poller.cli.api import cancel  # noqa: PLC0415
         from poller.cli.state import pick_source  # noqa: PLC0415
@@ -123,13 +139,15 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one return pe
     return asyncio.run(run_store_command(args, config))
 
 
-def _check_config(config: Config, *, probe: bool) -> int:
+def _check_config(config: Config, *, probe: bool, as_json: bool) -> int:
     from poller.sinks.registry import build_sink  # noqa: PLC0415
 
     config.check_secrets()
     config.state.check()
     for name, sink_config in config.named_sinks().items():
         build_sink(name, sink_config, dict(os.environ))  # what start-up checks beyond the schema
+    if as_json:
+        return _check_config_json(config, probe=probe)
     sources = ", ".join(f"{n} ({s.provider_name} at {s.base_url})" for n, s in config.named_sources().items())
     sinks = ", ".join(f"{n} ({s.kind})" for n, s in config.named_sinks().items()) or "none"
     print(f"config OK: sources {sources}; sinks: {sinks}")
@@ -145,3 +163,26 @@ def _check_config(config: Config, *, probe: bool) -> int:
     from poller.cli.api import probe as probe_apis  # noqa: PLC0415
 
     return asyncio.run(probe_apis(config))
+
+
+def _check_config_json(config: Config, *, probe: bool) -> int:
+    """`check-config --json`: what the text report says, as one object (config errors still exit 78)."""
+    import json  # noqa: PLC0415
+
+    report: dict[str, object] = {
+        "ok": True,
+        "sources": {
+            n: {"provider": s.provider_name, "base_url": s.base_url} for n, s in config.named_sources().items()
+        },
+        "sinks": {n: {"kind": s.kind} for n, s in config.named_sinks().items()},
+        "state": str(config.state.db_path()),
+        "warnings": [] if config.sinks else ["no [[sinks]] configured: events are recorded but published nowhere"],
+    }
+    if probe:
+        from poller.cli.api import probe_sources  # noqa: PLC0415
+
+        results = asyncio.run(probe_sources(config))
+        report["probe"] = results
+        report["ok"] = all(r["ok"] for r in results.values())
+    print(json.dumps(report, separators=(",", ":")))
+    return 0 if report["ok"] else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from poller.config import Config, SourceConfig
 from poller.domain.schedule import Pacer
@@ -38,18 +39,29 @@ async def cancel(source: SourceConfig, batch_id: str) -> int:
 
 async def probe(config: Config) -> int:
     """Ask each source's API once whether `base_url` and the key work; 0 when every one does."""
-    failed = 0
+    results = await probe_sources(config)
+    for name, result in results.items():
+        if result["ok"]:
+            print(f"source {name}: OK, {result['base_url']} {result['detail']}")
+        else:
+            fix = f"\n  fix: {result['fix']}" if result["fix"] else ""
+            print(f"source {name}: FAILED at {result['base_url']}: {result['detail']}{fix}", file=sys.stderr)
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+async def probe_sources(config: Config) -> dict[str, dict[str, Any]]:
+    """Per source: `ok`, its `base_url`, what the API answered or why it failed (`detail`), and a `fix`."""
+    results: dict[str, dict[str, Any]] = {}
     for name, source in config.named_sources().items():
         async with _provider(source) as provider:
             try:
                 what = await _ask(provider)
             except ApiError as exc:
-                failed += 1
-                problem = f"{_failure(exc)}{_hint(exc, source)}"
-                print(f"source {name}: FAILED at {source.base_url}: {problem}", file=sys.stderr)
+                hint = _hint(exc, source).removeprefix("\n  fix: ")
+                results[name] = {"ok": False, "base_url": source.base_url, "detail": _failure(exc), "fix": hint or None}
                 continue
-        print(f"source {name}: OK, {source.base_url} {what}")
-    return 1 if failed else 0
+        results[name] = {"ok": True, "base_url": source.base_url, "detail": what, "fix": None}
+    return results
 
 
 async def _ask(provider: Provider) -> str:

@@ -137,6 +137,11 @@ def _signal_changes(known: Knowledge, new: Knowledge, snap: Snapshot, policy: Po
     return new
 
 
+def stalled(known: Knowledge) -> bool:
+    """Whether the batch is stalled now: `batch.stalled` was sent at the counts it still has, in progress."""
+    return known.status == "in_progress" and known.counts is not None and known.stalled_at_counts == known.counts
+
+
 def _counts_key(counts: Counts) -> str:
     return f"{counts.completed}/{counts.failed}/{counts.total}"
 

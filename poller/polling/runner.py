@@ -17,7 +17,7 @@ import structlog
 from poller.config.settings import PollConfig
 from poller.config.sources import SourceConfig
 from poller.domain.schedule import Intervals, Pacer, Rand
-from poller.domain.transitions import Policy, pruned
+from poller.domain.transitions import Policy, pruned, stalled
 from poller.errors import BadResponseError
 from poller.metrics import Metrics
 from poller.polling.discovery import Discovery
@@ -262,6 +262,10 @@ class SourceRunner:
         """Active batches by status, from memory ("not yet polled" before the first answer)."""
         counts = Counter(b.knowledge.status or "not yet polled" for b in self.tracker.active())
         return dict(sorted(counts.items()))
+
+    def stalled_count(self) -> int:
+        """Active batches stalled now (in progress, counts unmoved since their `batch.stalled`), from memory."""
+        return sum(1 for b in self.tracker.active() if stalled(b.knowledge))
 
     def view(self) -> dict[str, object]:
         provider = self.ctx.provider

@@ -43,6 +43,9 @@ class DaemonControl:
     def tracked_counts(self) -> dict[str, dict[str, int]]:
         return self.daemon.tracked_counts()
 
+    def stalled_counts(self) -> dict[str, int]:
+        return self.daemon.stalled_counts()
+
     async def sink_views(self) -> dict[str, dict[str, object]]:
         d = self.daemon
         return d.sinks.views(await d.store.outbox_stats(), d.clock())

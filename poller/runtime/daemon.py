@@ -378,3 +378,6 @@ class Daemon:
     def tracked_counts(self) -> dict[str, dict[str, int]]:
         """Active batches by status of each source this process polls (replicas: sum over all of them)."""
         return {name: self.runners[name].tracked_counts() for name in self.polling()}
+
+    def stalled_counts(self) -> dict[str, int]:
+        return {name: self.runners[name].stalled_count() for name in self.polling()}

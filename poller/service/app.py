@@ -79,6 +79,8 @@ class ServiceBackend(Protocol):
 
     def tracked_counts(self) -> dict[str, dict[str, int]]: ...
 
+    def stalled_counts(self) -> dict[str, int]: ...
+
     async def status(self) -> dict[str, Any]: ...
 
     async def sink_views(self) -> dict[str, dict[str, object]]: ...
@@ -261,7 +263,7 @@ class Service:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _refresh_gauges(self) -> None:
-        """Set the gauges that are computed on demand (outbox depth and age, sink health, tracked counts)."""
+        """Set the gauges that are computed on demand (outbox depth and age, sink health, tracked and stalled)."""
         metrics = self._backend.metrics
         for name, view in (await self._backend.sink_views()).items():
             metrics.outbox_pending.labels(name).set(number(view.get("pending")))
@@ -272,6 +274,9 @@ class Service:
         for source, counts in self._backend.tracked_counts().items():
             for status, count in counts.items():
                 metrics.tracked.labels(source, status).set(count)
+        metrics.stalled.clear()  # a source handed to another replica stops being reported here
+        for source, count in self._backend.stalled_counts().items():
+            metrics.stalled.labels(source).set(count)
 
     # -- control API -------------------------------------------------------------------------------
 
