@@ -11,7 +11,7 @@ import aiohttp
 from poller.config import ServiceConfig
 from poller.domain.events import encode
 from poller.runtime.daemon import Daemon
-from poller.service.app import Service
+from poller.service.app import Service, frame
 from poller.service.stream import EventStream, Filters
 from poller.sim import SimClock, serve
 from poller.store import open_store
@@ -380,3 +380,13 @@ async def test_a_replicas_stream_carries_the_events_another_replica_records(
                 await eventually(lambda: len(resumed.frames) >= len(log) - len(client.frames) // 2)
                 await resumed.close()
                 same_as_log(resumed.frames, log[len(client.frames) // 2 :])
+
+
+def test_a_frame_is_one_event_with_its_position_type_and_json():
+    event = LoggedEvent(7, "openai", "batch_a", "batch.progress", b'{"id":"evt_1","object":"event"}')
+    assert frame(event) == b'id: 7\nevent: batch.progress\ndata: {"id":"evt_1","object":"event"}\n\n'
+    # A payload of several lines (never canonical JSON) still makes one frame, each line a data field.
+    assert (
+        frame(LoggedEvent(8, "s", "b", "batch.progress", b'{"a":\n1}'))
+        == b'id: 8\nevent: batch.progress\ndata: {"a":\ndata: 1}\n\n'
+    )

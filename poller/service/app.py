@@ -35,7 +35,7 @@ from poller.service.requests import (
     with_status,
 )
 from poller.service.stream import EventStream
-from poller.store.base import EventLog
+from poller.store.base import EventLog, LoggedEvent
 
 log = structlog.get_logger("poller.service")
 
@@ -307,10 +307,8 @@ class Service:
             await self._send(response, f"retry: {RETRY_MS}\n\n".encode())
             async with contextlib.aclosing(stream.follow(cursor, filters, self._heartbeat)) as follow:
                 async for events in follow:
-                    frames = [
-                        b"id: %d\nevent: %s\ndata: %s\n\n" % (e.position, e.type.encode(), e.payload) for e in events
-                    ]
-                    await self._send(response, b"".join(frames) or b": keep-alive\n\n")
+                    frames = b"".join(frame(e) for e in events)
+                    await self._send(response, frames or b": keep-alive\n\n")
         except (ConnectionError, TimeoutError):
             pass  # the client went away, or stopped reading: it resumes with Last-Event-ID
         except Exception:  # the headers are sent: end the stream, the client resumes with Last-Event-ID
@@ -351,6 +349,13 @@ class Service:
         if not await self._backend.untrack([batch_id], query_source(request)):
             return not_tracked(batch_id)
         return web.json_response({"id": batch_id, "object": "batch", "deleted": True})
+
+
+def frame(event: LoggedEvent) -> bytes:
+    """One Server-Sent Events frame. Canonical JSON is one line; were a payload ever several, each line
+    would go in a `data:` field of its own, which clients join back with newlines."""
+    data = b"\ndata: ".join(event.payload.splitlines())
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.position, event.type.encode(), data)
 
 
 __all__ = ["Service", "ServiceBackend"]
