@@ -158,6 +158,22 @@ async def test_outside_values_show_as_text_and_an_eta_when_the_api_has_one(tmp_p
         assert errors == []
 
 
+async def test_every_active_batch_shows_and_the_newest_finished_ones(tmp_path):
+    sim, clock = manual_sim(seed=12)
+    finished = sim.create_batches(22, outcome="completed")
+    clock.advance(3600)
+    running = sim.create_batches(2)
+    async with stack(tmp_path, sim, track=finished + running) as st, browser() as chromium:
+        await eventually(lambda: len({e["data"]["id"] for e in read_jsonl(st.events)}) == 24)
+        page = await chromium.new_page()
+        await page.goto(st.service.url)
+        for batch_id in running:
+            await expect(page.locator(f'tr[data-batch="{batch_id}"]')).to_be_visible()
+        await expect(page.locator("tr[data-batch]")).to_have_count(2 + 20)
+        await expect(page.locator("section.source")).to_contain_text("2 active, 24 in all")
+        await expect(page.locator("section.source")).to_contain_text("and 2 older finished batches")
+
+
 @pytest.mark.parametrize("name", ["index.html", "dashboard.css", "dashboard.js"])
 async def test_the_files_come_from_this_service_only(tmp_path, name):
     async with stack(tmp_path, OpenAISim(clock=ManualClock())) as st:

@@ -14,6 +14,7 @@
     "batch.failed", "batch.expired", "batch.cancelled", "batch.progress", "batch.stalled", "batch.expiring",
   ];
   const RECENT = 50; // events listed
+  const FINISHED_SHOWN = 20; // finished batches shown per source, the newest (every active one is shown)
   const REPLAY = 100; // events replayed on load, to fill the list and each batch's last event
   const STATUS_EVERY = 5000;
   const BATCHES_EVERY = 30000;
@@ -280,6 +281,10 @@
     return tr;
   }
 
+  function isActive(b) {
+    return !FINAL.has(b.status) && b.state !== "gone";
+  }
+
   function renderBatches() {
     const groups = new Map();
     for (const b of batches.values()) {
@@ -294,7 +299,7 @@
     }
     for (const name of [...groups.keys()].sort()) {
       const list = groups.get(name).sort((a, b) =>
-        (FINAL.has(a.status) - FINAL.has(b.status)) || ((b.created_at || 0) - (a.created_at || 0)) ||
+        (isActive(b) - isActive(a)) || ((b.created_at || 0) - (a.created_at || 0)) ||
         String(a.id).localeCompare(String(b.id)));
       const section = el("section");
       section.className = "source";
@@ -302,7 +307,7 @@
       const title = el("h3", name);
       title.id = `source-${[...groups.keys()].sort().indexOf(name)}`;
       section.setAttribute("aria-labelledby", title.id);
-      const active = list.filter((b) => !FINAL.has(b.status) && b.state !== "gone").length;
+      const active = list.filter(isActive).length;
       section.append(title, el("p", `${active} active, ${list.length} in all`, "empty"));
       const table = el("table");
       table.className = "batches";
@@ -315,9 +320,13 @@
       }
       head.append(row);
       const body = el("tbody");
-      for (const b of list) body.append(batchRow(b));
+      const shown = list.slice(0, active + FINISHED_SHOWN);
+      for (const b of shown) body.append(batchRow(b));
       table.append(head, body);
       section.append(table);
+      if (list.length > shown.length) {
+        section.append(el("p", `and ${list.length - shown.length} older finished batches (batch-poller list shows them all)`, "empty"));
+      }
       root.append(section);
     }
   }
