@@ -156,6 +156,8 @@ async def test_bad_queries_are_refused_with_400(tmp_path):
             assert body["error"]["type"] == "invalid_request_error"
         status, _ = await st.get("/v1/events", headers={"Last-Event-ID": "1.5"})
         assert status == 400
+        async with st.http.head("/v1/events") as resp:  # a stream has no HEAD: it would never end
+            assert resp.status == 405
 
 
 async def test_the_token_guards_the_stream_by_header_or_query(tmp_path):

@@ -196,7 +196,7 @@ class Service:
         router.add_get("/readyz", self._readyz)
         router.add_get("/metrics", self._metrics)
         router.add_get("/v1/status", self._status)
-        router.add_get(EVENTS_PATH, self._events)
+        router.add_get(EVENTS_PATH, self._events, allow_head=False)
         router.add_get("/v1/batches", self._list)
         router.add_post("/v1/batches", self._track)
         router.add_get("/v1/batches/{batch_id}", self._retrieve)
