@@ -104,12 +104,13 @@ async def test_the_page_asks_for_the_token_and_keeps_it_for_the_tab(tmp_path):
         await expect(page.locator(f'tr[data-batch="{ids[0]}"]')).to_be_visible()
 
 
-async def test_readable_on_a_phone(tmp_path):
+@pytest.mark.parametrize("width", [390, 700, 1000])
+async def test_readable_on_a_phone_and_in_a_narrow_window(tmp_path, width):
     sim, clock = manual_sim(seed=9)
     ids = sim.create_batches(2)
     async with stack(tmp_path, sim, track=ids) as st, browser() as chromium:
         clock.advance(25)
-        page = await chromium.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+        page = await chromium.new_page(viewport={"width": width, "height": 844}, is_mobile=width < 500)
         errors = watch_errors(page)
         await page.goto(st.service.url)
         for batch_id in ids:

@@ -323,7 +323,9 @@
       const shown = list.slice(0, active + FINISHED_SHOWN);
       for (const b of shown) body.append(batchRow(b));
       table.append(head, body);
-      section.append(table);
+      const scroll = el("div", null, "scroll");
+      scroll.append(table);
+      section.append(scroll);
       if (list.length > shown.length) {
         section.append(el("p", `and ${list.length - shown.length} older finished batches (batch-poller list shows them all)`, "empty"));
       }
