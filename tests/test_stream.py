@@ -392,3 +392,25 @@ def test_a_frame_is_one_event_with_its_position_type_and_json():
         frame(LoggedEvent(8, "s", "b", "batch.progress", b'{"a":\n1}'))
         == b'id: 8\nevent: batch.progress\ndata: {"a":\ndata: 1}\n\n'
     )
+
+
+async def test_a_recording_costs_one_log_read_however_many_clients_follow():
+    log = MemoryLog()
+    log.add(1)
+    stream = EventStream(log, fallback_read=60)  # type: ignore[arg-type]
+    await stream.start()
+    got: list[list[int]] = [[] for _ in range(50)]
+
+    async def follow(into: list[int]) -> None:
+        async for events in stream.follow(1, Filters(), idle=60):
+            into.extend(e.position for e in events)
+
+    tasks = [asyncio.create_task(follow(into)) for into in got]
+    await asyncio.sleep(0)  # every follower is waiting
+    reads = log.reads
+    log.add(2)
+    stream.notify(2)
+    await eventually(lambda: all(into == [2] for into in got))
+    assert log.reads == reads + 1
+    await stream.close()
+    await asyncio.gather(*tasks)
