@@ -91,6 +91,15 @@ def test_the_wheel_ships_the_example_config_the_unit_and_the_licence(wheel: zipf
 
 
 @pytest.mark.slow
+def test_the_wheel_ships_the_dashboard(wheel: zipfile.ZipFile) -> None:
+    static = ROOT / "poller" / "service" / "static"
+    files = sorted(p.name for p in static.iterdir())
+    assert {"index.html", "dashboard.css", "dashboard.js"} <= set(files)
+    for name in files:
+        assert wheel.read(f"poller/service/static/{name}") == (static / name).read_bytes(), name
+
+
+@pytest.mark.slow
 def test_an_installed_wheel_prints_its_packaged_files(wheel: zipfile.ZipFile, tmp_path: Path) -> None:
     """The wheel unpacked (as pip installs a pure-Python wheel) and imported ahead of this checkout."""
     site = tmp_path / "site"

@@ -436,3 +436,28 @@ async def test_with_a_real_daemon_it_needs_no_api_key(tmp_path: Path) -> None:
             code, out, err = await (await start_wait(config, batch_id, env=keyless)).finish(timeout=60)
     assert code == EXIT_COMPLETED, (out, err)
     assert f"{batch_id}  completed" in out
+
+
+@pytest.mark.parametrize(("outcome", "code"), [("failed", EXIT_FAILED), ("cancelled", EXIT_CANCELLED)])
+async def test_follows_the_real_daemons_stream_to_the_end(tmp_path: Path, outcome: str, code: int) -> None:
+    """End to end: `wait` holds one `/v1/events` stream open on the running daemon and exits with the
+    end the daemon detected (no API key of its own, so it cannot have polled the API instead)."""
+    sim = fast_sim(speed=0.001)  # frozen until `wait` follows the stream
+    async with serve(sim) as url:
+        [batch_id] = sim.create_batches(1, outcome="failed" if outcome == "failed" else "completed")
+        raw = config_dict(url, tmp_path / "state.db", [])
+        raw["source"]["track"] = [batch_id]
+        raw["service"] = {"enabled": True, "listen": f"127.0.0.1:{free_port()}"}
+        config = write_toml(tmp_path / "config.toml", raw)
+        async with running(make_config(raw)) as daemon:
+            keyless = {k: v for k, v in cli_env().items() if k != KEY_ENV}
+            waiting = await start_wait(config, batch_id, env=keyless)
+            service = daemon.service
+            assert service is not None
+            await eventually(lambda: service.stream_clients == 1, timeout=30)
+            if outcome == "cancelled":
+                sim.cancel(batch_id)
+            sim.clock.speed = 200
+            code_, out, err = await waiting.finish(timeout=60)
+    assert code_ == code, (out, err)
+    assert f"{batch_id}  {outcome}" in out

@@ -3,11 +3,13 @@ tracking by id, each naming its source where more than one is configured."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from poller.metrics import Metrics
 from poller.runtime.daemon import Daemon
 from poller.runtime.views import batch_view
+from poller.store.base import EventLog
 
 
 class DaemonControl:
@@ -21,6 +23,16 @@ class DaemonControl:
     @property
     def source_names(self) -> list[str]:
         return list(self.daemon.runners)
+
+    @property
+    def event_log(self) -> EventLog:
+        return self.daemon.store
+
+    def watch_recordings(self, listener: Callable[[int | None], None]) -> Callable[[], None]:
+        """Call `listener` after each recording (with the log position) until the returned function is called."""
+        listeners = self.daemon.recording_listeners
+        listeners.append(listener)
+        return lambda: listeners.remove(listener)
 
     def liveness(self) -> tuple[bool, dict[str, object]]:
         return self.daemon.liveness()

@@ -86,6 +86,8 @@ class Daemon:
         self.loop_tick = 0.0
         self.store_open = False
         self.reloader = Reloader(self)
+        #: Called with the event log's position after each recording (None: another process wrote).
+        self.recording_listeners: list[Callable[[int | None], None]] = []
 
     # -- what others use -----------------------------------------------------------------------------
 
@@ -228,6 +230,8 @@ class Daemon:
             if worker is not None:
                 worker.offer(row)
         self.sinks.wake()
+        for listener in self.recording_listeners:
+            listener(recorded.position or None)
 
     def _supervise(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -309,6 +313,8 @@ class Daemon:
             for worker in self.sinks.workers.values():
                 worker.forget_offers()  # e.g. `redeliver` put an earlier row ahead of a handed-over one
             self.sinks.wake()
+            for listener in self.recording_listeners:
+                listener(None)
             if self.leasing is not None:
                 self.leasing.wake()  # perhaps another replica released its leases
             for name in self.polling():

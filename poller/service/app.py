@@ -1,13 +1,16 @@
-"""The HTTP service: health probes, Prometheus metrics and the control API, on `[service] listen`.
+"""The HTTP service: health probes, Prometheus metrics, the control API and the live event stream, on
+`[service] listen`.
 
 `/healthz`, `/readyz` and `/metrics` are always open (probes and Prometheus carry no credentials);
-every `/v1/*` route requires `Authorization: Bearer <token>` when `service.token_env`/`token_file` is set.
+every `/v1/*` route requires `Authorization: Bearer <token>` when `service.token_env`/`token_file` is set
+(`/v1/events` also takes it as `?token=`, since a browser's EventSource cannot send headers).
 The service reads the daemon only through `ServiceBackend`, so this module never imports the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -20,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from poller.config import ServiceConfig, read_secret
 from poller.errors import ConfigError
 from poller.metrics import Metrics
+from poller.service.dashboard import Dashboard
 from poller.service.requests import (
     BadRequestError,
     error,
@@ -27,8 +31,11 @@ from poller.service.requests import (
     number,
     query_source,
     requested_ids,
+    stream_request,
     with_status,
 )
+from poller.service.stream import EventStream
+from poller.store.base import EventLog, LoggedEvent
 
 log = structlog.get_logger("poller.service")
 
@@ -36,6 +43,14 @@ log = structlog.get_logger("poller.service")
 SHUTDOWN_GRACE = 2.0
 #: The control API's paths; everything under it needs the token when one is configured.
 CONTROL_PREFIX = "/v1/"
+#: The Server-Sent Events stream of recorded events.
+EVENTS_PATH = "/v1/events"
+#: A stream with nothing to send writes a comment this often, so proxies and clients see it is alive.
+HEARTBEAT = 15.0
+#: What a stream tells EventSource to wait before reconnecting (milliseconds).
+RETRY_MS = 3000
+#: A stream client that has not taken a frame for this long is dropped (it resumes from its Last-Event-ID).
+WRITE_TIMEOUT = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,6 +64,14 @@ class ServiceBackend(Protocol):
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def event_log(self) -> EventLog: ...
+
+    def watch_recordings(self, listener: Callable[[int | None], None]) -> Callable[[], None]:
+        """Call `listener(position)` after each recording (None when another process wrote) until the
+        returned function is called; the listener must not block."""
+        ...
 
     def liveness(self) -> tuple[bool, dict[str, object]]: ...
 
@@ -81,10 +104,18 @@ class Service:
     """
 
     def __init__(
-        self, backend: ServiceBackend, config: ServiceConfig, *, environ: dict[str, str] | None = None
+        self,
+        backend: ServiceBackend,
+        config: ServiceConfig,
+        *,
+        environ: dict[str, str] | None = None,
+        heartbeat: float = HEARTBEAT,
     ) -> None:
         self._backend = backend
         self._config = config
+        self._heartbeat = heartbeat
+        self._stream: EventStream | None = None
+        self._unwatch: Callable[[], None] | None = None
         self._token: bytes | None = None
         if config.has_token:
             self._token = read_secret("service.token", config.token_env, config.token_file, environ).encode()
@@ -104,7 +135,16 @@ class Service:
         host = self._config.host
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
+    @property
+    def stream_clients(self) -> int:
+        """How many `/v1/events` streams are open."""
+        return self._stream.clients if self._stream is not None else 0
+
     async def __aenter__(self) -> Self:
+        stream = EventStream(self._backend.event_log)
+        await stream.start()
+        self._stream = stream
+        self._unwatch = self._backend.watch_recordings(stream.notify)
         runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
         await runner.setup()
         try:
@@ -112,6 +152,7 @@ class Service:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
+            await self._close_stream()
             raise ConfigError(
                 "service.listen",
                 f"cannot listen on {self._config.listen}: {exc.strerror or exc}",
@@ -120,6 +161,7 @@ class Service:
             ) from None
         except BaseException:
             await runner.cleanup()
+            await self._close_stream()
             raise
         self._runner = runner
         self._port = int(runner.addresses[0][1])
@@ -130,18 +172,31 @@ class Service:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         runner, self._runner = self._runner, None
+        await self._close_stream()  # first: open streams end, so the runner's cleanup need not wait for them
         if runner is not None:
             await runner.cleanup()
+
+    async def _close_stream(self) -> None:
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
 
     # -- the application ---------------------------------------------------------------------------
 
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
         router = app.router
+        dashboard = Dashboard()
+        router.add_get("/", dashboard.index)
+        router.add_get("/static/{name}", dashboard.asset)
         router.add_get("/healthz", self._healthz)
         router.add_get("/readyz", self._readyz)
         router.add_get("/metrics", self._metrics)
         router.add_get("/v1/status", self._status)
+        router.add_get(EVENTS_PATH, self._events, allow_head=False)
         router.add_get("/v1/batches", self._list)
         router.add_post("/v1/batches", self._track)
         router.add_get("/v1/batches/{batch_id}", self._retrieve)
@@ -179,10 +234,15 @@ class Service:
     def _authorized(self, request: web.Request) -> bool:
         if self._token is None:
             return True
+        if request.path == EVENTS_PATH and "token" in request.query and "Authorization" not in request.headers:
+            return self._matches(request.query["token"])
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        return self._matches(given.strip()) and scheme.lower() == "bearer"
+
+    def _matches(self, given: str) -> bool:
+        assert self._token is not None
         # compare_digest runs in time independent of where the bytes differ.
-        match = hmac.compare_digest(given.strip().encode("utf-8", "backslashreplace"), self._token)
-        return match and scheme.lower() == "bearer"
+        return hmac.compare_digest(given.encode("utf-8", "backslashreplace"), self._token)
 
     # -- probes and metrics ------------------------------------------------------------------------
 
@@ -221,7 +281,45 @@ class Service:
     # -- control API -------------------------------------------------------------------------------
 
     async def _status(self, _: web.Request) -> web.Response:
-        return web.json_response(await self._backend.status())
+        body = await self._backend.status()
+        if self._stream is not None:  # where the event log is: a client may replay the last few events
+            body["events"] = {"position": self._stream.head, "stream_clients": self._stream.clients}
+        return web.json_response(body)
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: each recorded event as `id: <position>`, `event: <type>`, `data: <JSON>`."""
+        filters, since = stream_request(request)
+        stream = self._stream
+        if stream is None:
+            raise web.HTTPServiceUnavailable
+        end = await stream.start_position()
+        cursor = end if since is None else min(since, end)  # beyond the end: a log started afresh
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # nginx: pass frames through as they come
+            }
+        )
+        await response.prepare(request)
+        stream.clients += 1
+        try:
+            await self._send(response, f"retry: {RETRY_MS}\n\n".encode())
+            async with contextlib.aclosing(stream.follow(cursor, filters, self._heartbeat)) as follow:
+                async for events in follow:
+                    frames = b"".join(frame(e) for e in events)
+                    await self._send(response, frames or b": keep-alive\n\n")
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away, or stopped reading: it resumes with Last-Event-ID
+        except Exception:  # the headers are sent: end the stream, the client resumes with Last-Event-ID
+            log.exception("event stream failed", path=request.path)
+        finally:
+            stream.clients -= 1
+        return response
+
+    @staticmethod
+    async def _send(response: web.StreamResponse, data: bytes) -> None:
+        await asyncio.wait_for(response.write(data), WRITE_TIMEOUT)
 
     async def _list(self, request: web.Request) -> web.Response:
         data = await self._backend.batches(query_source(request))
@@ -251,6 +349,13 @@ class Service:
         if not await self._backend.untrack([batch_id], query_source(request)):
             return not_tracked(batch_id)
         return web.json_response({"id": batch_id, "object": "batch", "deleted": True})
+
+
+def frame(event: LoggedEvent) -> bytes:
+    """One Server-Sent Events frame. Canonical JSON is one line; were a payload ever several, each line
+    would go in a `data:` field of its own, which clients join back with newlines."""
+    data = b"\ndata: ".join(event.payload.splitlines())
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.position, event.type.encode(), data)
 
 
 __all__ = ["Service", "ServiceBackend"]

@@ -8,6 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
+from poller.service.stream import Filters
+
 #: What POST accepts as a batch id (matched whole: `$` alone would let a trailing newline through);
 #: Gemini's ids may come with their `batches/` prefix.
 BATCH_ID = re.compile(r"(?:batches/)?[A-Za-z0-9_-]{1,128}")
@@ -71,3 +73,34 @@ def not_tracked(batch_id: str) -> web.Response:
 
 def error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind}}, status=status, headers=headers)
+
+
+#: What `?type=` accepts: an event type as docs/events.md lists them.
+EVENT_TYPE = re.compile(r"batch\.[a-z_]{1,32}")
+#: What `?since=` and `Last-Event-ID` accept: an event log position.
+POSITION = re.compile(r"[0-9]{1,18}")
+
+
+def stream_request(request: web.Request) -> tuple[Filters, int | None]:
+    """The filters of a `GET /v1/events` and where to replay from (None: only new events).
+
+    Each filter may repeat or hold a comma-separated list; `Last-Event-ID` wins over `?since=`.
+    """
+    sources = _listed(request, "source", SOURCE_NAME, "a source name")
+    batch_ids = _listed(request, "batch", BATCH_ID, "a batch id")
+    types = _listed(request, "type", EVENT_TYPE, "an event type such as batch.completed")
+    raw = (request.headers.get("Last-Event-ID") or request.query.get("since") or "").strip()
+    if raw and not POSITION.fullmatch(raw):
+        raise BadRequestError(f"since and Last-Event-ID take an event position (an integer >= 0), not {raw!r}")
+    since = int(raw) if raw else None
+    return Filters(sources, batch_ids, types), since
+
+
+def _listed(request: web.Request, key: str, pattern: re.Pattern[str], what: str) -> tuple[str, ...]:
+    values = [v.strip() for raw in request.query.getall(key, ()) for v in raw.split(",") if v.strip()]
+    for value in values:
+        if not pattern.fullmatch(value):
+            raise BadRequestError(f"{key}: not {what}: {value!r}")
+    if len(values) > MAX_IDS:
+        raise BadRequestError(f"{key}: at most {MAX_IDS} values")
+    return tuple(dict.fromkeys(values))
