@@ -4,14 +4,20 @@ The simulator runs in its own process (`bench.simproc`, 10,000 active batches wh
 moving), so only the client's CPU is counted. Each client runs in a fresh process of its own and measures
 itself with `time.process_time()` (user + system, all threads):
 
-- batch-poller: a `Daemon` with production logging (JSON lines, into /dev/null) and its SQLite state,
-  tracking the 10,000 batches; after first sight, three forced full refreshes (every batch due at once),
-  each measured from the wake-up to the end of the refresh: list pages, parsing, detection, the state
-  writes for batches whose counts moved;
+- batch-poller, the figure: a `Daemon` with production logging (JSON lines, into /dev/null) and its
+  SQLite state, tracking the 10,000 batches, on its own schedule (`[poll] latency = "1s"`: the 100 list
+  pages every 3 s). After first sight and one walk to settle, the whole process's CPU over three walks
+  (list pages, parsing, detection, the state writes of batches whose counts moved, and whatever ran
+  between walks), per batch those walks refreshed;
+- batch-poller, informational: three forced full refreshes (every batch due at once), each measured from
+  the wake-up to the end of the refresh, and one forced through a retrieve per batch;
 - the alternative: a plain loop over the official SDK, ``await AsyncOpenAI().batches.retrieve(id)`` for
   each of the 10,000 ids (keeping the latest object per id), three passes after one warm-up request.
 
-The figure is the median pass, scaled to 10,000 batches; the ratio is batch-poller / SDK loop.
+Figures are scaled to 10,000 batches; ratios are batch-poller / SDK loop. A list item whose body equals
+the one the daemon last saw (and with no stall or expiry warning due) is neither validated nor run
+through detection: with counts moving on some batches between walks, the rest cost a JSON encoding and
+a hash each.
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ from bench.common import (
 
 BATCHES = 10_000
 REPS = 3
-TARGET = 0.3
+#: The issue's target: CPU per refresh at most 0.03 of the SDK loop's, on the daemon's own schedule.
+TARGET = 0.03
+#: `[poll] latency` of the measured daemon: 100 pages are walked every 3 s (schedule.walk_period).
+LATENCY = 1.0
 #: `--quick`: batches in the simulator (the figures are still scaled to 10,000).
 QUICK_BATCHES = 200
 
@@ -57,17 +66,26 @@ def run(ctx: dict[str, Any]) -> Section:
     ctx["sdk_maxrss_mb"] = sdk["maxrss_mb"]
     ctx["poller_inproc_maxrss_mb"] = poller["maxrss_mb"]
     per = BATCHES / poller["batches"]
-    poller_cpu = median(poller["cpu"]) * per
     sdk_cpu = median(sdk["cpu"]) * BATCHES / sdk["batches"]
-    r = poller_cpu / sdk_cpu
+    steady_cpu = poller["steady_cpu"] * BATCHES / max(poller["steady_seen"], 1)
     section.rows.append(
         Row(
-            "CPU s per 10,000 batch refreshes (client process)",
+            "CPU s per 10,000 batch refreshes, daemon on its own schedule (client process)",
+            f"{steady_cpu:.2f} s",
+            f"{sdk_cpu:.2f} s (openai SDK retrieve loop)",
+            ratio(steady_cpu, sdk_cpu, 3),
+            f"≤ {TARGET}",
+            steady_cpu / sdk_cpu <= TARGET,
+        )
+    )
+    poller_cpu = median(poller["cpu"]) * per
+    section.rows.append(
+        Row(
+            "CPU s per 10,000 batch refreshes, one forced full refresh",
             f"{poller_cpu:.2f} s",
             f"{sdk_cpu:.2f} s (openai SDK retrieve loop)",
-            ratio(poller_cpu, sdk_cpu),
-            f"≤ {TARGET}",
-            r <= TARGET,
+            ratio(poller_cpu, sdk_cpu, 3),
+            "(informational)",
         )
     )
     first_cpu = poller["first_cpu"] * per
@@ -98,6 +116,11 @@ def run(ctx: dict[str, Any]) -> Section:
     sdk_walls = ", ".join(f"{w:.2f}" for w in sdk["wall"])
     section.notes += [
         (
+            f'Own schedule: {poller["steady_walks"]} walks at `[poll] latency = "{LATENCY:g}s"` refreshed'
+            f" {poller['steady_seen']:,} batches for {poller['steady_cpu']:.2f} CPU s (the whole process: walks,"
+            " parsing, detection, state writes, and everything between walks)."
+        ),
+        (
             f"batch-poller passes (CPU s): {passes}; wall {walls} s; requests per pass {requests}; SQLite rows "
             f"written per pass (batches whose counts moved, and their events) {changed}."
         ),
@@ -125,11 +148,19 @@ async def _poller(url: str, ids: list[str], state: Path, reps: int) -> dict[str,
     await pre_track(state, ids)
     hour = "1h"
     config = poller_config(
-        url, state, validating=hour, in_progress=hour, finalizing=hour, cancelling=hour, max_interval=hour
+        url,
+        state,
+        latency=f"{LATENCY:g}s",
+        validating=hour,
+        in_progress=hour,
+        finalizing=hour,
+        cancelling=hour,
+        max_interval=hour,
     )
     cpu, wall, requests, changed = [], [], [], []
     async with DaemonDriver(config) as driver:
         first = await driver.first_refresh()
+        steady_cpu, steady_seen, steady_walks = await _own_schedule(driver, reps)
         for _ in range(reps):
             before = await _rows_written(driver.daemon.store)
             refresh = await driver.full_refresh()
@@ -144,6 +175,9 @@ async def _poller(url: str, ids: list[str], state: Path, reps: int) -> dict[str,
         tracker.plan_walk = lambda _due: None
         forced = await driver.full_refresh()
     return {
+        "steady_cpu": steady_cpu,
+        "steady_seen": steady_seen,
+        "steady_walks": steady_walks,
         "forced_cpu": forced.cpu,
         "forced_wall": forced.wall,
         "forced_requests": forced.total,
@@ -156,6 +190,28 @@ async def _poller(url: str, ids: list[str], state: Path, reps: int) -> dict[str,
         "first_wall": first.wall,
         "first_requests": first.total,
     }
+
+
+async def _own_schedule(driver: Any, walks: int) -> tuple[float, int, int]:
+    """The daemon on its own schedule (`[poll] latency`): the process's CPU seconds over `walks` whole
+    walks after one to settle, and the batches those walks refreshed."""
+    from bench.common import until  # noqa: PLC0415
+
+    tracker = driver.runner.tracker
+    learn = tracker.learn_walk
+    ends: list[tuple[float, int]] = []  # (process CPU at the end of a walk, tracked batches it saw)
+
+    def learned(marks: list[int], items: int, tracked_seen: int) -> None:
+        learn(marks, items, tracked_seen)
+        ends.append((time.process_time(), tracked_seen))
+
+    tracker.learn_walk = learned
+    try:
+        await until(lambda: len(ends) >= walks + 2, within=600)
+    finally:
+        tracker.learn_walk = learn
+    window = ends[1 : walks + 2]
+    return window[-1][0] - window[0][0], sum(seen for _, seen in window[1:]), walks
 
 
 async def _rows_written(store: Any) -> int:

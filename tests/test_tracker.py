@@ -561,3 +561,42 @@ def test_an_unchanged_body_still_reports_progress_held_back_by_the_progress_inte
     later = observe(tracker, make_snapshot("in_progress", request_counts=counts(3)), NOW + 200)
     assert later is not None
     assert [c.type for c in later.changes] == ["batch.progress"]
+
+
+# -- list items vouched unchanged (no validation, no detection) ---------------------------------------
+
+
+def test_a_list_item_equal_to_the_body_seen_last_is_vouched_unchanged() -> None:
+    tracker = make_tracker()
+    snap = make_snapshot("in_progress", request_counts=counts(3))
+    observe(tracker, snap, NOW)
+    assert tracker.unchanged("batch_a", dict(snap.raw), NOW + 1) == snap.created_at
+    moved = dict(snap.raw) | {"request_counts": counts(4)}
+    assert tracker.unchanged("batch_a", moved, NOW + 1) is None  # another body: validated and detected
+    assert tracker.unchanged("batch_b", dict(snap.raw), NOW + 1) is None  # not tracked
+    tracker.seen_unchanged("batch_a", NOW + 1)
+    assert tracker.batches["batch_a"].next_due > NOW + 1
+
+
+def test_nothing_is_vouched_while_a_time_based_event_is_due() -> None:
+    tracker = make_tracker()
+    snap = make_snapshot("in_progress", request_counts=counts(3))
+    observe(tracker, snap, NOW)
+    stall = Policy().stall_after
+    assert tracker.unchanged("batch_a", dict(snap.raw), NOW + 60) is not None
+    assert tracker.unchanged("batch_a", dict(snap.raw), NOW + stall + 1) is None  # batch.stalled is due
+    waiting = make_tracker()
+    queued = make_snapshot("validating", expires_at=int(NOW) + 7200)
+    observe(waiting, queued, NOW)
+    assert waiting.unchanged("batch_a", dict(queued.raw), NOW + 60) is not None
+    assert waiting.unchanged("batch_a", dict(queued.raw), NOW + 3601) is None  # batch.expiring is due
+
+
+def test_a_body_only_loaded_from_the_store_is_validated_once_first() -> None:
+    tracker = make_tracker()
+    snap = make_snapshot("in_progress", request_counts=counts(3))
+    observe(tracker, snap, NOW)
+    row = tracker.batches["batch_a"]
+    tracker.clear()
+    tracker.load([TrackedBatch(source=SOURCE, id="batch_a", origin="cli", added_at=0.0, fingerprint=row.fingerprint)])
+    assert tracker.unchanged("batch_a", dict(snap.raw), NOW + 1) is None  # its expires_at is not known here

@@ -197,8 +197,16 @@ def quiet(known: Knowledge, snap: Snapshot, now: float, policy: Policy) -> bool:
     """Whether `detect(known, snap, now, policy)` would change nothing: the fast path for a batch whose
     body equals the one `known` was formed from (most batches on most polls). False whenever unsure.
     """
-    status, counts = snap.status, known.counts
-    if status is None or status != known.status or snap.counts != counts or known.counts_changed_at is None:
+    if snap.status is None or snap.status != known.status or snap.counts != known.counts:
+        return False
+    return quiet_as_known(known, snap.expires_at, now, policy)
+
+
+def quiet_as_known(known: Knowledge, expires_at: int | None, now: float, policy: Policy) -> bool:
+    """Whether a batch seen again exactly as `known` (and its `expires_at`) would change nothing now:
+    no throttled progress, stall or expiry warning has come due. False whenever unsure."""
+    status, counts = known.status, known.counts
+    if status is None or known.counts_changed_at is None:
         return False
     if is_final(status):
         return True
@@ -209,7 +217,6 @@ def quiet(known: Knowledge, snap: Snapshot, now: float, policy: Policy) -> bool:
     stall_due = now - known.counts_changed_at >= policy.stall_after
     if status == "in_progress" and counts is not None and known.stalled_at_counts != counts and stall_due:
         return False
-    expires_at = snap.expires_at
     expiry_due = expires_at is not None and expires_at - now <= policy.expiry_warning
     return not (status in EXPIRY_WATCHED and not known.expiring_sent and expiry_due)
 

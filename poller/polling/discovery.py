@@ -74,7 +74,7 @@ class Discovery:
             if first and history:
                 declined = max(history) if declined is None else max(declined, *history)
             await self._adopt([s for s in since if not (is_final(s.status) and s.created_at <= floor)])
-            await self.refresher.apply(page.snapshots)
+            await self.refresher.apply_page(page)
             oldest = page.oldest_created_at
             older_from_here = ctx.api.capabilities.newest_first and oldest is not None and oldest < horizon
             if page.next is None or older_from_here:

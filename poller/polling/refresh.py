@@ -142,11 +142,11 @@ class Refresher:
             ctx.health.ok(ctx.clock())
             pages += 1
             self.report_rejected(page)
-            items += len(page.snapshots) + len(page.rejected)
-            tracked_seen += sum(1 for s in page.snapshots if s.id in ctx.tracker.batches)
-            seen = {s.id for s in page.snapshots} & targets
+            items += len(page.snapshots) + len(page.rejected) + len(page.unchanged)
+            tracked_seen += sum(1 for s in page.snapshots if s.id in ctx.tracker.batches) + len(page.unchanged)
+            seen = ({s.id for s in page.snapshots} | {i for i, _ in page.unchanged}) & targets
             targets -= seen
-            await self.apply(page.snapshots)
+            await self.apply_page(page)
             oldest = page.oldest_created_at
             if oldest is not None:
                 marks.append(oldest)
@@ -160,6 +160,16 @@ class Refresher:
         return targets
 
     # -- applying what came back -------------------------------------------------------------------
+
+    async def apply_page(self, page: Page) -> None:
+        """Apply a list page: its snapshots, and the items it vouched unchanged (only their schedule moves)."""
+        if page.unchanged:
+            ctx = self.ctx
+            now = ctx.clock()
+            for batch_id, _ in page.unchanged:
+                ctx.tracker.seen_unchanged(batch_id, now)
+            ctx.metrics.poll("ok", len(page.unchanged))
+        await self.apply(page.snapshots)
 
     async def apply(self, snapshots: Iterable[Snapshot], *, listed: bool = True) -> None:
         """Detect transitions in fetched snapshots and record them, in one transaction per call.

@@ -5,7 +5,6 @@ connection, and polls in one task of its own, so sources never wait on each othe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections import Counter
@@ -14,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import structlog
 
+from poller.aio import wait_event
 from poller.config.settings import PollConfig
 from poller.config.sources import SourceConfig
 from poller.domain.schedule import Intervals, Pacer, Rand
@@ -138,6 +138,8 @@ class SourceRunner:
         )
         async with provider:
             self.tracker.page_size = provider.capabilities.page_size
+            tracker, clock = self.tracker, self.clock
+            provider.unchanged = lambda batch_id, item: tracker.unchanged(batch_id, item, clock())
             self.ctx.provider = provider
             try:
                 yield
@@ -170,8 +172,7 @@ class SourceRunner:
             wake_at = min(wake_at, max(self.discovery.next_at, self.health.auth_paused_until))
         timeout = min(max(wake_at - self.clock(), 0.0), TICK, max(self._next_prune - self.clock(), 0.0))
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        await wait_event(self._wake, timeout)
 
     def wake(self) -> None:
         self._wake.set()

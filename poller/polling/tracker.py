@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from poller.domain.eta import ProgressWindow
 from poller.domain.lifecycle import is_final
 from poller.domain.schedule import Intervals, Rand, error_delay, retrieve_delay, walk_period
 from poller.domain.snapshot import Snapshot
-from poller.domain.transitions import Change, Policy, detect, quiet
+from poller.domain.transitions import Change, Policy, detect, quiet, quiet_as_known
 from poller.errors import ApiError
 from poller.store.base import ACTIVE, FINAL, GONE, TrackedBatch
+from poller.store.codec import dump_body
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,7 @@ class Tracker:
         fingerprint = hash(body)
         changed = fingerprint != tracked.fingerprint
         was_erroring = tracked.error_streak > 0 or tracked.not_found > 0
+        tracked.observed, tracked.expires_at = True, snap.expires_at
         if not changed and not was_erroring and quiet(tracked.knowledge, snap, now, self.policy):
             # The fast path: the same body as last time, and no time-based signal due.
             status = tracked.knowledge.status or "validating"
@@ -175,10 +178,34 @@ class Tracker:
             snap, replace(tracked), detection.changes, body if changed else None, expected_sequence=expected
         )
 
+    def unchanged(self, batch_id: str, item: Mapping[str, Any], now: float) -> int | None:
+        """`Provider.unchanged`: the created_at of an active batch this process saw with exactly this body,
+        nothing time-based due for it, so the list item needs no validation and no detection; else None."""
+        tracked = self.batches.get(batch_id)
+        if tracked is None or tracked.state != ACTIVE or not tracked.observed or tracked.created_at is None:
+            return None
+        if tracked.error_streak or tracked.not_found or tracked.fingerprint != hash(dump_body(item)):
+            return None
+        if not quiet_as_known(tracked.knowledge, tracked.expires_at, now, self.policy):
+            return None
+        return tracked.created_at
+
+    def seen_unchanged(self, batch_id: str, now: float) -> None:
+        """A list page showed the batch as `unchanged` vouched: only its schedule moves (to the next walk)."""
+        tracked = self.batches.get(batch_id)
+        if tracked is None or tracked.state != ACTIVE:
+            return
+        status = tracked.knowledge.status or "validating"
+        tracked.interval = self.intervals.next(status, tracked.interval, changed=False)
+        tracked.next_due = self._walk_due(now)
+
+    def _walk_due(self, now: float) -> float:
+        """Dated from the walk, not from the page: every batch of one walk is due at the same time."""
+        return self.next_walk if self.next_walk > now else now + self.period
+
     def _next_due(self, tracked: TrackedBatch, snap: Snapshot, now: float, listed: bool) -> float:
         if listed or self.listable:
-            # Dated from the walk, not from the page: every batch of one walk is due at the same time.
-            return self.next_walk if self.next_walk > now else now + self.period
+            return self._walk_due(now)
         interval = tracked.interval if tracked.interval is not None else self.intervals.default
         eta = None
         counts = snap.counts

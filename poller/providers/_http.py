@@ -12,7 +12,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
@@ -23,7 +23,7 @@ from poller.domain.schedule import Pacer, parse_retry_after
 from poller.domain.snapshot import InvalidSnapshotError, Snapshot
 from poller.errors import ApiError, BadResponseError
 from poller.metrics import SourceMetrics
-from poller.providers.base import Capabilities, Page
+from poller.providers.base import Capabilities, Page, Unchanged
 
 #: Error texts and log fields are cut to this many characters: a body may be megabytes of anything.
 EXCERPT = 300
@@ -84,6 +84,7 @@ class HttpProvider:
         self._session: aiohttp.ClientSession | None = None
         self.requests: Counter[str] = Counter()
         self.last_progress = 0.0
+        self.unchanged: Unchanged | None = None
 
     async def __aenter__(self) -> Self:
         headers = {"User-Agent": f"batch-poller/{__version__}", "Accept": "application/json"}
@@ -148,7 +149,7 @@ class HttpProvider:
         if body.get("has_more") is True and isinstance(items, list) and items:
             last = body.get("last_id") or (items[-1].get("id") if isinstance(items[-1], dict) else None)
             if isinstance(last, str) and last:
-                return Page(page.snapshots, last, page.rejected)
+                return replace(page, next=last)
         return page
 
     def page(self, items: Any, next_cursor: str | None) -> Page:
@@ -157,15 +158,22 @@ class HttpProvider:
             raise self._bad("list answer has no list of batches", "list_shape")
         snaps: list[Snapshot] = []
         rejected: list[tuple[str | None, str]] = []
+        unchanged: list[tuple[str, int]] = []
+        known = self.unchanged
         for item in items:
             try:
                 if not isinstance(item, dict):
                     raise self._bad("list item is not an object", "batch_shape")
+                if known is not None and isinstance(batch_id := item.get(self.id_field), str):
+                    created_at = known(batch_id, item)
+                    if created_at is not None:  # the very body the poll loop holds: nothing to check again
+                        unchanged.append((batch_id, created_at))
+                        continue
                 snaps.append(self.normalize(item))
             except BadResponseError as exc:
                 batch_id = item.get(self.id_field) if isinstance(item, dict) else None
                 rejected.append((excerpt(batch_id, 80) if batch_id is not None else None, str(exc)))
-        return Page(snaps, next_cursor, tuple(rejected))
+        return Page(snaps, next_cursor, tuple(rejected), tuple(unchanged))
 
     def invalid(self, exc: InvalidSnapshotError | ValueError, kind: str = "batch") -> BadResponseError:
         """A BadResponseError for a body whose values cannot be true."""

@@ -9,7 +9,7 @@ Errors are `poller.errors.ApiError` (transport, HTTP status, rate limits) and `B
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Protocol, Self
@@ -42,14 +42,24 @@ class Page:
     next: str | None
     #: Items that are not batches we can trust: (their id if they had one, the problem).
     rejected: tuple[tuple[str | None, str], ...] = ()
+    #: Items the poll loop already holds byte for byte (`Provider.unchanged`), not normalized again:
+    #: (id, created_at).
+    unchanged: tuple[tuple[str, int], ...] = ()
 
     @property
     def oldest_created_at(self) -> int | None:
-        return min((s.created_at for s in self.snapshots), default=None)
+        dates = [s.created_at for s in self.snapshots] + [c for _, c in self.unchanged]
+        return min(dates, default=None)
 
     @property
     def newest_created_at(self) -> int | None:
-        return max((s.created_at for s in self.snapshots), default=None)
+        dates = [s.created_at for s in self.snapshots] + [c for _, c in self.unchanged]
+        return max(dates, default=None)
+
+
+Unchanged = Callable[[str, Mapping[str, Any]], int | None]
+"""Given a list item's id and its body: the created_at of a batch the poll loop holds with exactly this
+body and nothing time-based due (the item needs no validation and no detection), else None."""
 
 
 class Provider(Protocol):
@@ -62,6 +72,8 @@ class Provider(Protocol):
     requests: Counter[str]
     #: When a request last went out or came back (monotonic); liveness reads it.
     last_progress: float
+    #: Set by the poll loop: list items it already holds unchanged are not normalized again.
+    unchanged: Unchanged | None
 
     async def __aenter__(self) -> Self: ...
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, ClassVar, Final
 from urllib.parse import quote
 
@@ -137,7 +138,7 @@ class GeminiProvider(HttpProvider):
         token = body.get("nextPageToken")
         page = self.page(body.get("operations", []), None)  # an empty list is left out altogether
         if isinstance(token, str) and token:
-            return Page(page.snapshots, token, page.rejected)
+            return replace(page, next=token)
         return page
 
     def normalize(self, raw: Mapping[str, Any]) -> Snapshot:

@@ -10,6 +10,7 @@ for finalizing, which Mistral does not have (a job is RUNNING until it ends). On
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, ClassVar, Final
 from urllib.parse import quote
 
@@ -95,7 +96,7 @@ class MistralProvider(HttpProvider):
         items = body.get("data")
         page = self.page([] if items is None else items, None)
         if items and (number + 1) * PAGE_SIZE < total:
-            return Page(page.snapshots, str(number + 1), page.rejected)
+            return replace(page, next=str(number + 1))
         return page
 
     def retry_after(self, headers: Mapping[str, str], now: float) -> float | None:

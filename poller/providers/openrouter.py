@@ -94,7 +94,7 @@ class OpenRouterProvider(HttpProvider):
 
     async def list_page(self, cursor: str | None) -> Page:
         page = await self.id_cursor_page("/batches", "after", cursor, PAGE_SIZE)
-        return Page([self._refined(s) for s in page.snapshots], page.next, page.rejected)
+        return replace(page, snapshots=[self._refined(s) for s in page.snapshots])
 
     def _refined(self, snap: Snapshot) -> Snapshot:
         """A list item's in_progress as the finer status a retrieve showed (the list collapses them)."""

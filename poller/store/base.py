@@ -47,6 +47,10 @@ class TrackedBatch:
     finished_at: float | None = None
     fingerprint: int | None = None
     raw: dict[str, Any] | None = None
+    #: In memory only: whether this process saw the body `fingerprint` hashes, and its `expires_at`
+    #: (what a list item equal to that body needs to skip validation and detection).
+    observed: bool = False
+    expires_at: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
