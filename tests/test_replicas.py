@@ -335,7 +335,8 @@ async def test_chaos_three_replicas_killed_and_restarted_lose_and_double_nothing
             assert taken is not None, f"{source} was never taken over after {victim.name} was killed"
             failovers.append(taken - killed_at)
     assert failovers, "no kill hit a replica holding a source"
-    assert max(failovers) <= TTL + 3.0, f"failover took {max(failovers):.1f}s (TTL {TTL:g}s)"
+    # One TTL after its last renewal, plus the next round on a loaded machine (2 cores, 3 replicas, PostgreSQL).
+    assert max(failovers) <= TTL + 5.0, f"failover took {max(failovers):.1f}s (TTL {TTL:g}s)"
     print(
         f"\nchaos: {len(kills)} kills, {len(failovers)} failovers, max {max(failovers):.2f}s,"
         f" median {sorted(failovers)[len(failovers) // 2]:.2f}s; requests in 5 s: one replica {one}, three {three};"

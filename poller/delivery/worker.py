@@ -9,7 +9,6 @@ A row is marked delivered only after the sink acknowledged it. Retries follow th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 import time
@@ -18,6 +17,7 @@ from collections.abc import Callable
 
 import structlog
 
+from poller.aio import wait_event
 from poller.delivery.retry import retry_delay
 from poller.domain.events import decode
 from poller.domain.schedule import Rand
@@ -197,8 +197,7 @@ class DeliveryWorker:
             due = await self.store.next_ready_at(self.sink.name, self._busy())
             if due is not None:
                 timeout = min(max(due - self.clock(), 0.0), IDLE_CHECK)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        await wait_event(self._wake, timeout)
 
     async def _deliver(self, row: OutboxRow) -> float | None:
         """Send one row; returns its detection time once acknowledged, None when the failure was recorded."""

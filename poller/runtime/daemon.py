@@ -11,7 +11,6 @@ process: `poller.delivery.worker.DeliveryWorker` -> `Sink.send`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import time
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from poller.aio import wait_event
 from poller.config import Config, SourceConfig
 from poller.delivery.routing import Routes
 from poller.errors import ConfigError
@@ -214,8 +214,9 @@ class Daemon:
         task = self._tasks.pop(f"poller.source[{name}]", None)
         if task is None:
             return
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        while not task.done():  # a cancellation swallowed by a library must not hang the hand-over
+            task.cancel()
+            await asyncio.wait((task,), timeout=1.0)
         runner = self.runners.get(name)
         if runner is not None:
             try:
@@ -327,8 +328,7 @@ class Daemon:
                 self._reload_requested = False
                 await self.reloader.reload()
             self._publish_status()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), TICK)
+            await wait_event(self._stop, TICK)
 
     def _publish_status(self) -> None:
         line = self.status_line()

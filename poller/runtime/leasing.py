@@ -14,12 +14,12 @@ sync (NTP) to well within the TTL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections.abc import Awaitable, Callable
 
 import structlog
 
+from poller.aio import wait_event
 from poller.domain.balance import MEMBER_PREFIX, LeasePlan, member_key, plan
 from poller.metrics import Metrics
 from poller.store.base import Leases
@@ -81,8 +81,7 @@ class LeaseKeeper:
             await asyncio.sleep(MIN_ROUND_GAP)
             remaining = deadline - self.clock()
             if remaining > 0 and not self._wake.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), remaining)
+                await wait_event(self._wake, remaining)
 
     def _next_round(self) -> float:
         now = self.clock()

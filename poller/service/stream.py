@@ -12,13 +12,13 @@ holds only its own coroutine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import structlog
 
+from poller.aio import wait_event
 from poller.store.base import EventLog, LoggedEvent
 
 log = structlog.get_logger("poller.service.stream")
@@ -99,8 +99,7 @@ class EventStream:
 
     async def _read_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_reader.wait(), self._fallback)
+            await wait_event(self._wake_reader, self._fallback)
             self._wake_reader.clear()
             try:
                 await self._read_new()
@@ -155,9 +154,7 @@ class EventStream:
                     yield matching
                     quiet_until = loop.time() + idle
                     continue
-                try:
-                    await asyncio.wait_for(moved.wait(), max(0.0, quiet_until - loop.time()))
-                except TimeoutError:
+                if not await wait_event(moved, quiet_until - loop.time()):
                     yield ()
                     quiet_until = loop.time() + idle
                 continue
