@@ -8,6 +8,7 @@ version up, in one transaction with the version bump. A file newer than this rel
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -48,7 +49,7 @@ class Connection:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA busy_timeout = 10000")
             if not self.readonly:
-                db.execute("PRAGMA journal_mode = WAL")
+                _wal(db)
                 # WAL with synchronous=NORMAL survives any process crash; a power cut may lose the last
                 # commits, which the next poll re-detects under the same event ids.
                 db.execute("PRAGMA synchronous = NORMAL")
@@ -105,6 +106,22 @@ class Connection:
     def data_version(self) -> int:
         """Changes when another connection committed."""
         return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _wal(db: sqlite3.Connection, patience: float = 10.0) -> None:
+    """Switch to WAL. Two processes opening a new file at once (the daemon starting while a command such as
+    `batch-poller deliveries` opens it) both upgrade a shared lock to switch, and SQLite answers one of
+    them "database is locked" at once, without busy_timeout (it would deadlock): retry that one."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        else:
+            return
 
 
 def _statements(sql: str) -> list[str]:
