@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -252,3 +253,51 @@ async def stop_process(proc: asyncio.subprocess.Process, sig: int = signal.SIGTE
     if proc.returncode is None:
         proc.send_signal(sig)
     return await asyncio.wait_for(proc.wait(), timeout)
+
+
+def status_event(batch_id: str, event_type: str, sequence: int, *, previous: str | None = None, **extra: Any) -> Event:
+    """A status event of an `openai` batch as a sink receives it; `extra` overrides Batch fields."""
+    status = event_type.removeprefix("batch.")
+    fields: dict[str, Any] = {
+        "created_at": 1714550000,
+        "expires_at": 1714550000 + 86400,
+        "metadata": {"team": "ml"},
+        "request_counts": {"completed": 1, "failed": 0, "total": 2},
+    } | extra
+    return make_event(
+        source="openai",
+        batch=make_batch(batch_id=batch_id, **({"status": status} | fields)),
+        event_type=event_type,
+        status=status,
+        previous_status=previous,
+        sequence=sequence,
+        created_at=1714550000 + sequence,
+        detected_at=time.time(),
+    )
+
+
+def on_a_terminal(command: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run `command` with its stdout on a real pseudo-terminal: its exit code and what it wrote there."""
+    controller, terminal = os.openpty()
+    try:
+        done = subprocess.run(
+            command,
+            stdout=terminal,
+            stderr=subprocess.DEVNULL,
+            env=env or cli_env(),
+            timeout=60,
+            check=False,
+        )
+        os.close(terminal)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(controller)
+    return done.returncode, b"".join(chunks).decode()

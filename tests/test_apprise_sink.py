@@ -33,10 +33,9 @@ from tests.helpers import (
     config_dict,
     eventually,
     fast_sim,
-    make_batch,
     make_config,
-    make_event,
     running,
+    status_event,
     write_toml,
 )
 
@@ -82,22 +81,12 @@ async def endpoint() -> AsyncIterator[Endpoint]:
 
 
 def make(batch_id: str, event_type: str, sequence: int, *, previous: str | None = None, **extra: Any) -> Event:
-    status = event_type.removeprefix("batch.")
-    fields: dict[str, Any] = {
-        "created_at": 1714550000,
-        "expires_at": 1714550000 + 86400,
-        "metadata": {"team": "ml"},
-        "request_counts": {"completed": 8, "failed": 2, "total": 12},
-    } | extra
-    return make_event(
-        source=SOURCE,
-        batch=make_batch(batch_id=batch_id, **({"status": status} | fields)),
-        event_type=event_type,
-        status=status,
-        previous_status=previous,
-        sequence=sequence,
-        created_at=1714550000 + sequence,
-        detected_at=time.time(),
+    return status_event(
+        batch_id,
+        event_type,
+        sequence,
+        previous=previous,
+        **({"request_counts": {"completed": 8, "failed": 2, "total": 12}} | extra),
     )
 
 

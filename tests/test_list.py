@@ -4,7 +4,6 @@ columns when piped, `--json` with `progress` and `eta`; outside values never rea
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from poller.domain.snapshot import Counts
 from poller.domain.transitions import Knowledge
 from poller.store import open_store
 from poller.store.base import FINAL, Write
-from tests.helpers import cli_env, config_dict, write_toml
+from tests.helpers import cli_env, config_dict, on_a_terminal, write_toml
 
 #: An id as a hostile API (or a typo) might send it: a colour escape, a bell, a bidi override.
 HOSTILE = "batch_\x1b[31mred\x07\u202eevil"
@@ -61,28 +60,9 @@ def list_piped(config: Path, *args: str) -> str:
 
 def list_on_a_terminal(config: Path) -> str:
     """`list` with its stdout on a real pseudo-terminal; what it wrote there."""
-    controller, terminal = os.openpty()
-    try:
-        subprocess.run(
-            [sys.executable, "-m", "poller.cli", "list", "--config", str(config)],
-            stdout=terminal,
-            env=cli_env(),
-            timeout=60,
-            check=True,
-        )
-        os.close(terminal)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:  # EIO: the terminal side is closed and drained
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(controller)
-    return b"".join(chunks).decode().replace("\r\n", "\n")
+    code, out = on_a_terminal([sys.executable, "-m", "poller.cli", "list", "--config", str(config)])
+    assert code == 0, out
+    return out.replace("\r\n", "\n")
 
 
 @pytest.fixture

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +20,17 @@ from aiohttp import web
 from poller.cli.render import iso
 from poller.cli.wait import EXIT_CANCELLED, EXIT_COMPLETED, EXIT_EXPIRED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNKNOWN
 from poller.sim import Fault, ManualClock, OpenAISim, SimProfile, serve
-from tests.helpers import KEY_ENV, cli_env, config_dict, eventually, fast_sim, make_config, running, write_toml
+from tests.helpers import (
+    KEY_ENV,
+    cli_env,
+    config_dict,
+    eventually,
+    fast_sim,
+    make_config,
+    on_a_terminal,
+    running,
+    write_toml,
+)
 
 FIXED = SimProfile(
     validating_s=(10, 10),
@@ -235,31 +243,9 @@ async def test_a_missing_api_key_exits_78(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-def on_a_terminal(config: Path, *args: str) -> tuple[int, str]:
+def wait_on_a_terminal(config: Path, *args: str) -> tuple[int, str]:
     """`wait` with its stdout on a real pseudo-terminal: its exit code and what it drew there."""
-    controller, terminal = os.openpty()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "poller.cli", "wait", *args, "--config", str(config)],
-            stdout=terminal,
-            stderr=subprocess.DEVNULL,
-            env=cli_env(),
-            timeout=60,
-            check=False,
-        )
-        os.close(terminal)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:  # EIO: the terminal side is closed and drained
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(controller)
-    return done.returncode, b"".join(chunks).decode()
+    return on_a_terminal([sys.executable, "-m", "poller.cli", "wait", *args, "--config", str(config)])
 
 
 async def test_on_a_terminal_lines_are_redrawn_and_outside_text_is_escaped(tmp_path: Path) -> None:
@@ -267,7 +253,7 @@ async def test_on_a_terminal_lines_are_redrawn_and_outside_text_is_escaped(tmp_p
     async with simulated(tmp_path) as s:
         [batch_id] = s.sim.create_batches(1, outcome="completed")
         s.clock.advance(LATER)
-        code, drawn = await asyncio.to_thread(on_a_terminal, s.config, batch_id, hostile)
+        code, drawn = await asyncio.to_thread(wait_on_a_terminal, s.config, batch_id, hostile)
     assert code == EXIT_UNKNOWN
     assert "\x1b[2K" in drawn  # lines are redrawn in place
     assert "[############] 100%" in drawn

@@ -36,7 +36,7 @@ from poller.sinks import alerts
 from poller.sinks.webhook import WebhookSink, classify
 from poller.store import open_store
 from poller.store.base import NewEvent, Store, TrackedBatch, Write
-from tests.helpers import make_batch, make_event
+from tests.helpers import status_event
 
 
 def new_secret() -> str:
@@ -123,24 +123,7 @@ async def endpoint() -> AsyncIterator[Endpoint]:
 SOURCE = "openai"
 
 
-def make(batch_id: str, event_type: str, sequence: int, *, previous: str | None = None, **extra: Any) -> Event:
-    status = event_type.removeprefix("batch.")
-    fields: dict[str, Any] = {
-        "created_at": 1714550000,
-        "expires_at": 1714550000 + 86400,
-        "metadata": {"team": "ml"},
-        "request_counts": {"completed": 1, "failed": 0, "total": 2},
-    } | extra
-    return make_event(
-        source=SOURCE,
-        batch=make_batch(batch_id=batch_id, **({"status": status} | fields)),
-        event_type=event_type,
-        status=status,
-        previous_status=previous,
-        sequence=sequence,
-        created_at=1714550000 + sequence,
-        detected_at=time.time(),
-    )
+make = status_event
 
 
 def config(url: str, **kwargs: Any) -> WebhookSinkConfig:
