@@ -138,7 +138,7 @@ async def _steady(n: int, latency: float, rate: float) -> SteadyOutcome:
                 first_sight = time.perf_counter() - started
                 walks: list[float] = []
                 seen_oldest: list[float] = []
-                learn, observe = tracker.learn_walk, tracker.observe
+                learn, observe, unchanged = tracker.learn_walk, tracker.observe, tracker.seen_unchanged
 
                 def learned(marks: list[int], items: int, tracked_seen: int) -> None:
                     walks.append(time.perf_counter())
@@ -150,7 +150,14 @@ async def _steady(n: int, latency: float, rate: float) -> SteadyOutcome:
                     return observe(snap, body, now, listed=listed)
 
                 tracker.learn_walk = learned  # type: ignore[method-assign]
+
+                def vouched(batch_id: str, now: float) -> None:  # a list item equal to the body last seen
+                    if batch_id == oldest:
+                        seen_oldest.append(time.perf_counter())
+                    unchanged(batch_id, now)
+
                 tracker.observe = observed  # type: ignore[method-assign]
+                tracker.seen_unchanged = vouched  # type: ignore[method-assign]
                 await until(lambda: len(walks) >= 2)
                 sim.stats.reset()
                 mark, oldest_mark = len(walks), len(seen_oldest)
