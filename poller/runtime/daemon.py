@@ -45,6 +45,8 @@ log = structlog.get_logger("poller.daemon")
 TICK = 1.0
 #: This long without a housekeeping tick means the event loop is stuck.
 LOOP_STALL = 30.0
+#: After the store's change feed failed, try again this much later (seconds).
+CHANGES_RETRY = 1.0
 
 
 class Daemon:
@@ -195,7 +197,9 @@ class Daemon:
 
     async def remove_runner(self, name: str) -> None:
         if self.leasing is not None:
-            await self.leasing.forget(name)  # stops its polling and frees its lease at once
+            await self.leasing.forget(name)  # stops its polling (saving its pace) and frees its lease at once
+            self.runners.pop(name)
+            return
         runner = self.runners.pop(name)
         task = self._tasks.pop(f"poller.source[{name}]", None)
         if task is not None:
@@ -205,20 +209,27 @@ class Daemon:
 
     async def _start_polling(self, name: str) -> None:
         """This replica took `name`'s lease: poll it, from the store's rows (another replica polled it)."""
-        runner = self.runners[name]
+        runner = self.runners.get(name)
+        if runner is None:  # removed by a reload meanwhile
+            return
         runner.tracker.clear()
+        runner.loaded.clear()
+        runner.loop_tick = time.monotonic()  # not "stuck" while it loads
         self._supervise(f"poller.source[{name}]", runner.run())
 
-    async def _stop_polling(self, name: str) -> None:
-        """`name`'s lease is given up or lost: stop its loop, keep its batches' pace for the next holder."""
-        task = self._tasks.pop(f"poller.source[{name}]", None)
+    async def _stop_polling(self, name: str, save: bool = True) -> None:
+        """`name`'s lease is given up or lost: stop its loop; `save` keeps its batches' pace for the next
+        holder (not when the lease was lost: the new holder's schedule is the one that counts)."""
+        key = f"poller.source[{name}]"
+        task = self._tasks.get(key)
         if task is None:
             return
         while not task.done():  # a cancellation swallowed by a library must not hang the hand-over
             task.cancel()
             await asyncio.wait((task,), timeout=1.0)
+        self._tasks.pop(key, None)  # only now: a shutdown cancelling this very wait still sees the task
         runner = self.runners.get(name)
-        if runner is not None:
+        if runner is not None and save:
             try:
                 await runner.close()
             except Exception:  # the store is unreachable: the next holder starts from the last saved pace
@@ -309,17 +320,31 @@ class Daemon:
             await self._sinks.close_all(self.config.service.shutdown_timeout)
 
     async def _watch_changes(self) -> None:
-        """Another process wrote (the CLI tracked batches, `redeliver` re-queued rows): catch up."""
-        async for _ in self.store.changes():
-            for worker in self.sinks.workers.values():
-                worker.forget_offers()  # e.g. `redeliver` put an earlier row ahead of a handed-over one
-            self.sinks.wake()
-            for listener in self.recording_listeners:
-                listener(None)
-            if self.leasing is not None:
-                self.leasing.wake()  # perhaps another replica released its leases
-            for name in self.polling():
-                await self.runners[name].reload_tracked()
+        """Another process wrote (the CLI tracked batches, `redeliver` re-queued rows): catch up.
+
+        A store error (the database restarting) is logged and the watch starts again: it must not end
+        the daemon, whose poll loops and deliveries go on meanwhile.
+        """
+        while True:
+            try:
+                async for _ in self.store.changes():
+                    await self._caught_up()
+            except Exception:
+                log.warning("watching the store for other writers failed; retrying", exc_info=True)
+                await asyncio.sleep(CHANGES_RETRY)
+
+    async def _caught_up(self) -> None:
+        for worker in self.sinks.workers.values():
+            worker.forget_offers()  # e.g. `redeliver` put an earlier row ahead of a handed-over one
+        self.sinks.wake()
+        for listener in self.recording_listeners:
+            listener(None)
+        if self.leasing is not None:
+            self.leasing.wake()  # perhaps another replica released its leases
+        for name in self.polling():
+            runner = self.runners.get(name)  # a reload may have removed it meanwhile
+            if runner is not None:
+                await runner.reload_tracked()
 
     async def _housekeeping(self) -> None:
         while not self._stop.is_set():  # once stopping, return: waiting on a set event would spin

@@ -27,7 +27,7 @@ from poller.store.base import Leases
 log = structlog.get_logger("poller.leasing")
 
 #: Rounds come at most this often, however many wake-ups arrive (seconds).
-MIN_ROUND_GAP = 0.5
+MIN_ROUND_GAP = 1.0
 #: After another replica's lease runs out, look this much later (its rows are then surely expired).
 EXPIRY_SLACK = 0.25
 #: Without a successful renewal, stop polling this long before the leases run out.
@@ -45,7 +45,7 @@ class LeaseKeeper:
         *,
         sources: Callable[[], list[str]],
         start: Callable[[str], Awaitable[None]],
-        stop: Callable[[str], Awaitable[None]],
+        stop: Callable[[str, bool], Awaitable[None]],
         clock: Callable[[], float],
         metrics: Metrics,
     ) -> None:
@@ -92,14 +92,25 @@ class LeaseKeeper:
         return min(at, self.valid_until - SAFETY * self.ttl)
 
     async def round(self) -> None:
-        """One planning round; never raises for a store error (logged, counted, retried next round)."""
+        """One planning round; never raises: a store error, or a store too slow to answer before the held
+        leases run out, is logged, counted and retried next round."""
         now = self.clock()
         sources = self._sources()
+        budget = self.valid_until - SAFETY * self.ttl - now if self.held else self.ttl
         try:
-            step, got = await self._exchange(sources, now)
-        except Exception as exc:  # the store is unreachable: hold on until the leases run out
+            async with asyncio.timeout(max(budget, 0.0)):  # never poll on past the leases' end
+                step, got = await self._exchange(sources, now)
+        except Exception as exc:  # the store is unreachable or stuck: hold on until the leases run out
             await self._failed(exc)
             return
+        try:
+            self._renewed(step, now)
+            await self._apply(step, got)
+        except Exception:  # a store blip while releasing: the next round puts it right
+            self.metrics.lease_failures.inc()
+            log.exception("a lease round failed; retrying next round", replica=self.name)
+
+    def _renewed(self, step: LeasePlan, now: float) -> None:
         if self._failing:
             self._failing = False
             log.info("leases renewed again", replica=self.name)
@@ -107,17 +118,24 @@ class LeaseKeeper:
         self.last_plan = step
         self.valid_until = now + self.ttl
         self.metrics.replicas.set(step.replicas)
-        polled = got - {member_key(self.name)}
+
+    async def _apply(self, step: LeasePlan, got: set[str]) -> None:
+        """Start and stop polling as the leases now held say."""
+        member = member_key(self.name)
+        polled = got - {member}
         for source in sorted(self.held - polled):
-            await self._stop_polling(source, "lease lost")  # taken over: this replica was too slow to renew
-        for source in sorted(polled - self.held):
+            # Taken over: this replica was too slow to renew. The new holder owns the schedule now.
+            await self._stop_polling(source, "lease lost", save=False)
+        current = set(self._sources())  # a reload may have removed a source while this round ran
+        for source in sorted((polled & current) - self.held):
             log.info("polling source", source=source, replica=self.name, replicas=step.replicas)
             await self._start(source)
             self.held.add(source)
             self.metrics.source_polled.labels(source).set(1)
-        stale = [s for s, (holder, _) in self.table.items() if holder == self.name and s not in got]
+        stale = {s for s in polled if s not in current}
+        stale |= {s for s, (holder, _) in self.table.items() if holder == self.name and s not in got}
         if stale:  # a source a reload removed, or one this replica held before a restart under its name
-            await self.store.release_leases(self.name, stale)
+            await self.store.release_leases(self.name, sorted(stale))
 
     async def _exchange(self, sources: list[str], now: float) -> tuple[LeasePlan, set[str]]:
         """Read the table, give up what is over this replica's share, take or renew the rest."""
@@ -136,15 +154,17 @@ class LeaseKeeper:
             log.warning("cannot renew leases", replica=self.name, error=str(exc) or type(exc).__name__)
         if self.clock() >= self.valid_until - SAFETY * self.ttl:
             for source in sorted(self.held):
-                await self._stop_polling(source, "lease not renewed")
+                await self._stop_polling(source, "lease not renewed", save=False)
 
-    async def _stop_polling(self, source: str, reason: str) -> None:
+    async def _stop_polling(self, source: str, reason: str, *, save: bool = True) -> None:
+        """Stop polling `source`; `save` keeps its batches' pace for the next holder (only while the lease
+        is still this replica's)."""
         if source not in self.held:
             return
         log.info("stopped polling source", source=source, replica=self.name, reason=reason)
         self.held.discard(source)
         self.metrics.source_polled.labels(source).set(0)
-        await self._stop(source)
+        await self._stop(source, save)
 
     async def forget(self, source: str) -> None:
         """`source` left the config: stop polling it and free its lease at once."""
