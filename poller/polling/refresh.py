@@ -285,7 +285,7 @@ class Refresher:
         except ApiError:
             return 0
         self.ctx.health.ok(self.ctx.clock())
-        await self.apply(page.snapshots)
+        await self.apply_page(page)
         return 1
 
 

@@ -148,9 +148,9 @@ class Tracker:
         fingerprint = hash(body)
         changed = fingerprint != tracked.fingerprint
         was_erroring = tracked.error_streak > 0 or tracked.not_found > 0
-        tracked.observed, tracked.expires_at = True, snap.expires_at
         if not changed and not was_erroring and quiet(tracked.knowledge, snap, now, self.policy):
             # The fast path: the same body as last time, and no time-based signal due.
+            tracked.observed, tracked.expires_at = True, snap.expires_at
             status = tracked.knowledge.status or "validating"
             tracked.interval = self.intervals.next(status, tracked.interval, changed=False)
             tracked.next_due = self._next_due(tracked, snap, now, listed)
@@ -165,6 +165,7 @@ class Tracker:
             return Observation(snap, None, warning=detection.warning)
         tracked.knowledge = detection.knowledge
         tracked.fingerprint = fingerprint
+        tracked.observed, tracked.expires_at = True, snap.expires_at  # what `unchanged` compares against
         tracked.created_at = snap.created_at
         tracked.next_due = self._next_due(tracked, snap, now, listed)
         if changed or detection.changes:
