@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from poller.config import Config, OpenAISourceConfig, parse_config
 from poller.domain.events import Event, EventData, event_id
@@ -301,3 +303,19 @@ def on_a_terminal(command: list[str], env: dict[str, str] | None = None) -> tupl
     finally:
         os.close(controller)
     return done.returncode, b"".join(chunks).decode()
+
+
+@asynccontextmanager
+async def posts_to(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    """A real HTTP server on a free loopback port answering every POST with `handler`; yields host:port."""
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handler)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"{host}:{port}"
+    finally:
+        await runner.cleanup()

@@ -34,6 +34,7 @@ from tests.helpers import (
     eventually,
     fast_sim,
     make_config,
+    posts_to,
     running,
     status_event,
     write_toml,
@@ -68,16 +69,9 @@ class Endpoint:
 @pytest.fixture
 async def endpoint() -> AsyncIterator[Endpoint]:
     ep = Endpoint()
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", ep.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    ep.base = f"{host}:{port}"
-    yield ep
-    await runner.cleanup()
+    async with posts_to(ep.handle) as address:
+        ep.base = address
+        yield ep
 
 
 def make(batch_id: str, event_type: str, sequence: int, *, previous: str | None = None, **extra: Any) -> Event:

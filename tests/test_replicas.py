@@ -34,6 +34,7 @@ from tests.helpers import (
     expected_statuses,
     fast_sim,
     make_config,
+    posts_to,
     running,
     start_daemon_process,
     stop_process,
@@ -179,18 +180,9 @@ class Receiver:
 @contextlib.asynccontextmanager
 async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", rec.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    rec.url = f"http://{host}:{port}/hook"
-    try:
+    async with posts_to(rec.handle) as address:
+        rec.url = f"http://{address}/hook"
         yield rec
-    finally:
-        await runner.cleanup()
 
 
 @dataclass

@@ -36,7 +36,7 @@ from poller.sinks import alerts
 from poller.sinks.webhook import WebhookSink, classify
 from poller.store import open_store
 from poller.store.base import NewEvent, Store, TrackedBatch, Write
-from tests.helpers import status_event
+from tests.helpers import posts_to, status_event
 
 
 def new_secret() -> str:
@@ -105,17 +105,10 @@ class Endpoint:
 @pytest.fixture
 async def endpoint() -> AsyncIterator[Endpoint]:
     ep = Endpoint()
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", ep.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    ep.url = f"http://{host}:{port}/hooks/batch"
-    yield ep
-    ep.release.set()
-    await runner.cleanup()
+    async with posts_to(ep.handle) as address:
+        ep.url = f"http://{address}/hooks/batch"
+        yield ep
+        ep.release.set()
 
 
 # -- events, config, worker -------------------------------------------------------------------------
