@@ -57,14 +57,6 @@ class ProgressWindow:
         return max(left / rate - (now - t1), 0.0)
 
 
-def estimate(samples: list[tuple[float, int]], total: int, now: float) -> float | None:
-    """Seconds until completion from (time, finished) samples, oldest first; None when unknown."""
-    window = ProgressWindow()
-    for at, finished in samples:
-        window.add(at, finished, total)
-    return window.eta(now)
-
-
 #: At most this many (time, finished) anchors are kept in a batch's stored knowledge.
 MAX_ANCHORS = 8
 

@@ -63,8 +63,6 @@ class LeaseKeeper:
         self.valid_until = -math.inf
         #: The lease table as last read: source -> (holder, expires_at).
         self.table: dict[str, tuple[str, float]] = {}
-        self.last_plan: LeasePlan | None = None
-        self.rounds = 0
         self._wake = asyncio.Event()
         self._failing = False
         metrics.replica_info.labels(name).set(1)
@@ -114,8 +112,6 @@ class LeaseKeeper:
         if self._failing:
             self._failing = False
             log.info("leases renewed again", replica=self.name)
-        self.rounds += 1
-        self.last_plan = step
         self.valid_until = now + self.ttl
         self.metrics.replicas.set(step.replicas)
 
