@@ -16,8 +16,10 @@ from poller.domain.schedule import Pacer
 from poller.domain.snapshot import Counts
 from poller.errors import BadResponseError
 from poller.metrics import Metrics
+from poller.providers._http import NestedTooDeepError, parse_json
 from poller.providers.openai import OpenAIProvider
 from poller.providers.openai_types import Batch
+from poller.store.codec import dump_body
 
 T0 = 1_714_508_499
 
@@ -241,3 +243,42 @@ def test_snapshot_checks_the_id_it_asked_for(adapter: OpenAIProvider, metrics: M
         adapter.snapshot([MINIMAL], "retrieve", "batch_min")
     assert caught.value.reason == "batch_shape"
     assert metrics.registry.get_sample_value(BAD, {"source": "openai", "reason": "wrong_id"}) == 1.0
+
+
+# -- JSON in and out: orjson where it reads and writes exactly as the standard library ------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param('{"data":[{"id":"a","n":1.5,"ok":true,"x":null,"t":"\\u00e9"}]}', id="plain"),
+        pytest.param('{"data":[{"id":"a","metadata":{"k":"\\ud800"}},{"id":"b"}]}', id="lone-surrogate"),
+        pytest.param('{"data":[{"id":"a","created_at":123456789012345678901234567890}]}', id="past-64-bits"),
+        pytest.param('{"data":[{"id":"a","n":NaN}]}', id="nan"),
+        pytest.param('{"id":"batch_12345678901234567890123","n":7}', id="twenty-digits-in-text"),
+    ],
+)
+def test_parse_json_reads_what_the_standard_library_reads(text: str) -> None:
+    parsed, expected = parse_json(text.encode()), json.loads(text)
+    assert repr(parsed) == repr(expected)  # repr: NaN != NaN, and int stays int
+    assert type(parsed) is type(expected)
+
+
+def test_parse_json_refuses_what_is_not_json_and_names_deep_nesting() -> None:
+    with pytest.raises(ValueError, match=r".") as not_json:
+        parse_json(b"<html>")
+    assert not isinstance(not_json.value, NestedTooDeepError)
+    with pytest.raises(NestedTooDeepError):
+        parse_json(b"[" * 100_000 + b"]" * 100_000)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"id": "a", "t": "é ✓", "n": [1, 2.5, None, True], "d": {"k": "v"}}, id="plain"),
+        pytest.param({"id": "a", "t": "\ud800"}, id="lone-surrogate"),
+        pytest.param({"id": "a", "n": 2**70}, id="past-64-bits"),
+    ],
+)
+def test_dump_body_writes_what_the_standard_library_writes(body: dict[str, Any]) -> None:
+    assert dump_body(body) == json.dumps(body, separators=(",", ":"), ensure_ascii=False)

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Self
 
 import aiohttp
+import orjson
 
 from poller import __version__
 from poller.domain.schedule import Pacer, parse_retry_after
@@ -41,8 +42,24 @@ class NestedTooDeepError(ValueError):
     """JSON nested deeper than the parser recurses: JSON all right, but never a batch."""
 
 
+#: Every digit as "0", so that a run of 20 digits (perhaps an integer past 64 bits) is one `find`.
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_TWENTY_DIGITS = b"0" * 20
+
+
 def parse_json(raw: bytes) -> Any:
-    """JSON from a response body; ValueError for anything that is not (NestedTooDeepError for deep nesting)."""
+    """JSON from a response body; ValueError for anything that is not (NestedTooDeepError for deep nesting).
+
+    orjson parses the usual body, several times faster than the standard library (every list page goes
+    through here). The standard parser takes whatever orjson would read otherwise, and decides as it
+    always did: a lone surrogate or `NaN` (orjson refuses the whole page; here only that item is refused)
+    and integers past 64 bits (orjson makes them floats), which a run of 20 digits may be.
+    """
+    if raw.translate(_DIGITS_AS_ZERO).find(_TWENTY_DIGITS) < 0:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
     try:
         return json.loads(raw)
     except RecursionError:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 from poller.domain.snapshot import Counts
 from poller.domain.transitions import Knowledge
 
@@ -25,7 +27,7 @@ def _counts_in(value: Any) -> Counts | None:
 
 
 def knowledge_to_json(k: Knowledge) -> str:
-    return json.dumps(
+    return orjson.dumps(
         {
             "status": k.status,
             "seen": sorted(k.seen),
@@ -38,8 +40,7 @@ def knowledge_to_json(k: Knowledge) -> str:
             "expiring_sent": k.expiring_sent,
             "anchors": [[at, finished] for at, finished in k.anchors],
         },
-        separators=(",", ":"),
-    )
+    ).decode()
 
 
 def knowledge_from_json(text: str | None) -> Knowledge:
@@ -59,5 +60,13 @@ def knowledge_from_json(text: str | None) -> Knowledge:
 
 
 def dump_body(raw: Any) -> str:
-    """The canonical JSON text of a provider's body: what the store keeps and fingerprints hash."""
-    return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+    """The canonical JSON text of a provider's body: what the store keeps and fingerprints hash.
+
+    orjson writes it (compact, UTF-8, keys in the body's order, as the standard library would with
+    these separators, over ten times faster: every list item is dumped to be compared). A body orjson
+    refuses (a lone surrogate in its text, an integer past 64 bits) is written by the standard library.
+    """
+    try:
+        return orjson.dumps(raw).decode()
+    except TypeError:
+        return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
