@@ -8,7 +8,7 @@ with `InvalidSnapshotError`, so they never become events.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -80,11 +80,30 @@ def make_counts(total: object, completed: object, failed: object, prefix: str = 
 
 
 def _check_text(text: str) -> None:
-    if not text.isascii():
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            raise InvalidSnapshotError("raw", "text that is not Unicode (a lone surrogate)") from None
+    """Text that is not ASCII must encode as UTF-8 (callers test `isascii()` first: the common case)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidSnapshotError("raw", "text that is not Unicode (a lone surrogate)") from None
+
+
+#: Leaves of parsed JSON besides text: nothing in them to check.
+_SCALARS: Final = (int, float, type(None))
+
+
+def _children(value: object) -> Iterable[object] | None:
+    """The values inside a list or a mapping (its keys checked), None for anything else."""
+    if isinstance(value, list):
+        return value
+    # Parsed JSON holds plain dicts: test for one before the abstract Mapping, which costs far more.
+    if isinstance(value, dict) or isinstance(value, Mapping):  # noqa: SIM101 - the cheap test first
+        for key in value:
+            if not isinstance(key, str):
+                raise InvalidSnapshotError("raw", "a key is not text")
+            if not key.isascii():
+                _check_text(key)
+        return value.values()
+    return None
 
 
 def check_raw(raw: Mapping[str, Any]) -> None:
@@ -92,18 +111,16 @@ def check_raw(raw: Mapping[str, Any]) -> None:
     stack: list[tuple[object, int]] = [(raw, 1)]
     while stack:
         value, depth = stack.pop()
-        if isinstance(value, str):
-            _check_text(value)
-        elif isinstance(value, Mapping | list):
-            if depth > MAX_DEPTH:
-                raise InvalidSnapshotError("raw", f"nested deeper than {MAX_DEPTH} levels")
-            if isinstance(value, list):
-                stack.extend((v, depth + 1) for v in value)
-                continue
-            for key, v in value.items():
-                if not isinstance(key, str):
-                    raise InvalidSnapshotError("raw", "a key is not text")
-                _check_text(key)
+        children = _children(value)
+        if children is None:
+            continue
+        if depth > MAX_DEPTH:
+            raise InvalidSnapshotError("raw", f"nested deeper than {MAX_DEPTH} levels")
+        for v in children:
+            if isinstance(v, str):
+                if not v.isascii():
+                    _check_text(v)
+            elif not isinstance(v, _SCALARS):
                 stack.append((v, depth + 1))
 
 

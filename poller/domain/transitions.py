@@ -165,18 +165,23 @@ def detect(known: Knowledge, snap: Snapshot, now: float, policy: Policy) -> Dete
         return Detection(known, warning=warning)
     counts = snap.counts
     entered = known.status != snap.status
-    new = replace(
-        known,
+    new = Knowledge(  # every field, built once (`replace` costs several times more, once per poll)
         status=snap.status,
         seen=seen,
+        sequence=known.sequence,
         counts=counts,
+        counts_changed_at=now if counts != known.counts or known.counts_changed_at is None else known.counts_changed_at,
         # a status event carries the counts, so progress is measured from there on
         progress_counts=counts if entered else known.progress_counts,
-        counts_changed_at=now if counts != known.counts or known.counts_changed_at is None else known.counts_changed_at,
+        progress_at=known.progress_at,
+        stalled_at_counts=known.stalled_at_counts,
+        expiring_sent=known.expiring_sent,
+        anchors=_anchors(known, snap, now),
     )
     if not entered and not is_final(snap.status):
         new = _signal_changes(known, new, snap, policy, emit)
-    new = replace(new, sequence=emit.sequence, anchors=_anchors(known, snap, now))
+    if emit.sequence != new.sequence:
+        new = replace(new, sequence=emit.sequence)
     return Detection(new, emit.changes)
 
 

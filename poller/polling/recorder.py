@@ -70,8 +70,11 @@ class Recorder:
         for obs in observations:
             if obs.row is None:
                 continue
-            eta = obs.row.knowledge.eta(now)
-            events = self._new_events(source, provider, obs.snapshot, obs.changes, now, eta=eta)
+            events = (
+                self._new_events(source, provider, obs.snapshot, obs.changes, now, eta=obs.row.knowledge.eta(now))
+                if obs.changes
+                else []
+            )
             writes.append(Write(obs.row, events, obs.body, obs.expected_sequence))
             logged += zip((obs.snapshot,) * len(events), events, obs.changes, strict=True)
         if not writes:
