@@ -13,7 +13,9 @@ daemon runs with a `[poll] latency` and request rate chosen so that its derived 
 simulator received per walk (target ≤ 1.1 x ceil(N/100)) and each period between two refreshes of
 the oldest batch (its last page), worst against the walk period (target ≤ 1.1 x).
 
-Requests are counted by the simulator (what the API received), in this process: only counts matter here.
+Forced refreshes: requests are counted by the simulator (what the API received), in this process (only
+counts matter there). Steady state: the simulator runs in a process of its own (`bench.simproc`), as the
+oldest batch's period is a matter of time, and requests are counted as the daemon sent them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, Section, devnull_logging, fmt, median, poller_config, quick, ratio, until, workdir
+from bench.common import (
+    Row,
+    Section,
+    devnull_logging,
+    fmt,
+    median,
+    poller_config,
+    quick,
+    ratio,
+    sim_process,
+    until,
+    workdir,
+)
 from bench.driver import DaemonDriver, Refresh, pre_track
 from bench.simproc import steady_sim
 from poller.sim import OpenAISim, serve
@@ -110,60 +124,62 @@ class SteadyOutcome:
 
 
 async def _steady(n: int, latency: float, rate: float) -> SteadyOutcome:
-    """A running daemon on its own schedule: requests per walk period and the oldest batch's period."""
-    sim, ids = steady_sim(n)
-    oldest = sim.book.newest_first()[-1].id
-    with workdir("api-steady") as tmp:
-        async with serve(sim) as url:
-            state = tmp / "state.db"
-            await pre_track(state, ids)
-            hour = "1h"
-            raw = poller_config(
-                url,
-                state,
-                log_level="warning",
-                latency=f"{latency}s",
-                validating=hour,
-                in_progress=hour,
-                finalizing=hour,
-                cancelling=hour,
-                max_interval=hour,
-                max_requests_per_second=rate,
-            )
-            started = time.perf_counter()
-            async with DaemonDriver(raw) as driver:
-                await driver.first_refresh()
-                tracker = driver.runner.tracker
-                await until(lambda: all(b.created_at is not None for b in tracker.active()))
-                first_sight = time.perf_counter() - started
-                walks: list[float] = []
-                seen_oldest: list[float] = []
-                learn, observe, unchanged = tracker.learn_walk, tracker.observe, tracker.seen_unchanged
+    """A running daemon on its own schedule: requests per walk period and the oldest batch's period.
 
-                def learned(marks: list[int], items: int, tracked_seen: int) -> None:
-                    walks.append(time.perf_counter())
-                    learn(marks, items, tracked_seen)
+    The simulator runs in its own process (at N = 100,000 it would otherwise take a core's worth of the
+    daemon's event loop), so requests are counted as the daemon sent them (`Provider.requests`).
+    """
+    with workdir("api-steady") as tmp, sim_process(n, tmp) as sim:
+        state = tmp / "state.db"
+        await pre_track(state, sim.ids)
+        hour = "1h"
+        raw = poller_config(
+            sim.url,
+            state,
+            log_level="warning",
+            latency=f"{latency}s",
+            validating=hour,
+            in_progress=hour,
+            finalizing=hour,
+            cancelling=hour,
+            max_interval=hour,
+            max_requests_per_second=rate,
+        )
+        started = time.perf_counter()
+        async with DaemonDriver(raw) as driver:
+            await driver.first_refresh()
+            tracker = driver.runner.tracker
+            await until(lambda: all(b.created_at is not None for b in tracker.active()))
+            first_sight = time.perf_counter() - started
+            # The oldest batch is on the walk's last page.
+            oldest = min(tracker.active(), key=lambda b: (b.created_at or 0, b.id)).id
+            walks: list[float] = []
+            seen_oldest: list[float] = []
+            learn, observe, unchanged = tracker.learn_walk, tracker.observe, tracker.seen_unchanged
 
-                def observed(snap: Any, body: str, now: float, *, listed: bool = False) -> Any:
-                    if snap.id == oldest:
-                        seen_oldest.append(time.perf_counter())
-                    return observe(snap, body, now, listed=listed)
+            def learned(marks: list[int], items: int, tracked_seen: int) -> None:
+                walks.append(time.perf_counter())
+                learn(marks, items, tracked_seen)
 
-                tracker.learn_walk = learned  # type: ignore[method-assign]
+            def observed(snap: Any, body: str, now: float, *, listed: bool = False) -> Any:
+                if snap.id == oldest:
+                    seen_oldest.append(time.perf_counter())
+                return observe(snap, body, now, listed=listed)
 
-                def vouched(batch_id: str, now: float) -> None:  # a list item equal to the body last seen
-                    if batch_id == oldest:
-                        seen_oldest.append(time.perf_counter())
-                    unchanged(batch_id, now)
+            def vouched(batch_id: str, now: float) -> None:  # a list item equal to the body last seen
+                if batch_id == oldest:
+                    seen_oldest.append(time.perf_counter())
+                unchanged(batch_id, now)
 
-                tracker.observe = observed  # type: ignore[method-assign]
-                tracker.seen_unchanged = vouched  # type: ignore[method-assign]
-                await until(lambda: len(walks) >= 2)
-                sim.stats.reset()
-                mark, oldest_mark = len(walks), len(seen_oldest)
-                await until(lambda: len(walks) >= mark + WALKS)
-                requests = sim.stats.list + sim.stats.retrieve
-                period = tracker.period
+            tracker.learn_walk = learned  # type: ignore[method-assign]
+            tracker.observe = observed  # type: ignore[method-assign]
+            tracker.seen_unchanged = vouched  # type: ignore[method-assign]
+            await until(lambda: len(walks) >= 2)
+            before = sum(driver.requests().values())
+            mark, oldest_mark = len(walks), len(seen_oldest)
+            await until(lambda: len(walks) >= mark + WALKS)
+            requests = sum(driver.requests().values()) - before
+            period = tracker.period
     times = seen_oldest[max(oldest_mark - 1, 0) :]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     return SteadyOutcome(n, math.ceil(n / PAGE), period, WALKS, requests, gaps, first_sight)

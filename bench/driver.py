@@ -112,7 +112,7 @@ class DaemonDriver:
             if self._restore is not None:
                 self._restore()
 
-    def _requests(self) -> Counter[str]:
+    def requests(self) -> Counter[str]:
         """Requests the source's provider sent since the daemon started, by kind (list, retrieve)."""
         provider: Any = self.runner.ctx.provider
         return Counter() if provider is None else Counter(provider.requests)
@@ -129,14 +129,14 @@ class DaemonDriver:
         assert self._last is not None
         due, cpu, wall = self._last
         missed = sum(1 for b in self._active() if b.next_due <= 0)
-        return Refresh(due, dict(self._requests()), cpu, wall, missed)
+        return Refresh(due, dict(self.requests()), cpu, wall, missed)
 
     async def full_refresh(self) -> Refresh:
         """Make every active batch due, wake the runner and wait for the one `refresh` call that follows.
 
         CPU and wall time are the whole process's from the wake to the end of that call.
         """
-        before = self._requests()
+        before = self.requests()
         active = self._active()
         for batch in active:
             batch.next_due = 0.0
@@ -147,7 +147,7 @@ class DaemonDriver:
         await asyncio.wait_for(self._done.wait(), REFRESH_TIMEOUT)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         assert self._last is not None
-        after = self._requests()
+        after = self.requests()
         after.subtract(before)
         missed = sum(1 for b in active if b.state == ACTIVE and b.next_due <= 0)
         return Refresh(self._last[0], {k: v for k, v in after.items() if v}, cpu, wall, missed)
