@@ -9,6 +9,8 @@ itself with `time.process_time()` (user + system, all threads):
   pages every 3 s). After first sight and one walk to settle, the whole process's CPU over three walks
   (list pages, parsing, detection, the state writes of batches whose counts moved, and whatever ran
   between walks), per batch those walks refreshed;
+- batch-poller, informational: the same daemon over 10,000 batches that stay validating (no counts
+  move, so every list item equals the body last seen: the cost of a refresh that changes nothing);
 - batch-poller, informational: three forced full refreshes (every batch due at once), each measured from
   the wake-up to the end of the refresh, and one forced through a retrieve per batch;
 - the alternative: a plain loop over the official SDK, ``await AsyncOpenAI().batches.retrieve(id)`` for
@@ -63,6 +65,10 @@ def run(ctx: dict[str, Any]) -> Section:
         reps_arg = f"--reps={reps}"
         poller = run_json_child("bench.cpu", "poller", reps_arg, sim.url, str(ids_file), str(tmp / "state.db"))
         sdk = run_json_child("bench.cpu", "sdk", reps_arg, sim.url, str(ids_file))
+    with workdir("cpu-still") as tmp, sim_process(batches, tmp, phase="validating") as sim:
+        ids_file = tmp / "ids.json"
+        ids_file.write_text(json.dumps(sim.ids))
+        still = run_json_child("bench.cpu", "steady", reps_arg, sim.url, str(ids_file), str(tmp / "state.db"))
     ctx["sdk_maxrss_mb"] = sdk["maxrss_mb"]
     ctx["poller_inproc_maxrss_mb"] = poller["maxrss_mb"]
     per = BATCHES / poller["batches"]
@@ -76,6 +82,16 @@ def run(ctx: dict[str, Any]) -> Section:
             ratio(steady_cpu, sdk_cpu, 3),
             f"≤ {TARGET}",
             steady_cpu / sdk_cpu <= TARGET,
+        )
+    )
+    still_cpu = still["steady_cpu"] * BATCHES / max(still["steady_seen"], 1)
+    section.rows.append(
+        Row(
+            "CPU s per 10,000 batch refreshes, own schedule, no counts moving (validating batches)",
+            f"{still_cpu:.2f} s",
+            f"{sdk_cpu:.2f} s (openai SDK retrieve loop)",
+            ratio(still_cpu, sdk_cpu, 3),
+            "(informational)",
         )
     )
     poller_cpu = median(poller["cpu"]) * per
@@ -118,7 +134,11 @@ def run(ctx: dict[str, Any]) -> Section:
         (
             f'Own schedule: {poller["steady_walks"]} walks at `[poll] latency = "{LATENCY:g}s"` refreshed'
             f" {poller['steady_seen']:,} batches for {poller['steady_cpu']:.2f} CPU s (the whole process: walks,"
-            " parsing, detection, state writes, and everything between walks)."
+            " parsing, detection, state writes, and everything between walks); between two walks (3 s) the"
+            f" counts of {poller['steady_moved']:.0%} of the batches moved, and each of those is validated, run"
+            " through detection and written to the state. With no counts moving (the same daemon over 10,000"
+            f" validating batches) {still['steady_walks']} walks refreshed {still['steady_seen']:,} batches for"
+            f" {still['steady_cpu']:.2f} CPU s."
         ),
         (
             f"batch-poller passes (CPU s): {passes}; wall {walls} s; requests per pass {requests}; SQLite rows "
@@ -140,7 +160,7 @@ def run(ctx: dict[str, Any]) -> Section:
 # -- the measured children -----------------------------------------------------------------------------
 
 
-async def _poller(url: str, ids: list[str], state: Path, reps: int) -> dict[str, Any]:
+async def _poller(url: str, ids: list[str], state: Path, reps: int, *, only_steady: bool = False) -> dict[str, Any]:
     from bench.common import devnull_logging  # noqa: PLC0415
     from bench.driver import DaemonDriver, pre_track  # noqa: PLC0415
 
@@ -160,7 +180,9 @@ async def _poller(url: str, ids: list[str], state: Path, reps: int) -> dict[str,
     cpu, wall, requests, changed = [], [], [], []
     async with DaemonDriver(config) as driver:
         first = await driver.first_refresh()
-        steady_cpu, steady_seen, steady_walks = await _own_schedule(driver, reps)
+        steady_cpu, steady_seen, steady_walks, steady_moved = await _own_schedule(driver, reps)
+        if only_steady:
+            return {"steady_cpu": steady_cpu, "steady_seen": steady_seen, "steady_walks": steady_walks}
         for _ in range(reps):
             before = await _rows_written(driver.daemon.store)
             refresh = await driver.full_refresh()
@@ -178,6 +200,7 @@ async def _poller(url: str, ids: list[str], state: Path, reps: int) -> dict[str,
         "steady_cpu": steady_cpu,
         "steady_seen": steady_seen,
         "steady_walks": steady_walks,
+        "steady_moved": steady_moved,
         "forced_cpu": forced.cpu,
         "forced_wall": forced.wall,
         "forced_requests": forced.total,
@@ -192,26 +215,35 @@ async def _poller(url: str, ids: list[str], state: Path, reps: int) -> dict[str,
     }
 
 
-async def _own_schedule(driver: Any, walks: int) -> tuple[float, int, int]:
+async def _own_schedule(driver: Any, walks: int) -> tuple[float, int, int, float]:
     """The daemon on its own schedule (`[poll] latency`): the process's CPU seconds over `walks` whole
-    walks after one to settle, and the batches those walks refreshed."""
+    walks after one to settle, the batches those walks refreshed, and the share of them whose body had
+    changed since the walk before (validated and run through detection: the list item was not the same)."""
     from bench.common import until  # noqa: PLC0415
 
     tracker = driver.runner.tracker
-    learn = tracker.learn_walk
-    ends: list[tuple[float, int]] = []  # (process CPU at the end of a walk, tracked batches it saw)
+    learn, observe = tracker.learn_walk, tracker.observe
+    ends: list[tuple[float, int, int]] = []  # (process CPU at the end of a walk, tracked seen, observed)
+    observed = 0
 
     def learned(marks: list[int], items: int, tracked_seen: int) -> None:
         learn(marks, items, tracked_seen)
-        ends.append((time.process_time(), tracked_seen))
+        ends.append((time.process_time(), tracked_seen, observed))
 
-    tracker.learn_walk = learned
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal observed
+        observed += 1
+        return observe(*args, **kwargs)
+
+    tracker.learn_walk, tracker.observe = learned, counted
     try:
         await until(lambda: len(ends) >= walks + 2, within=600)
     finally:
-        tracker.learn_walk = learn
+        tracker.learn_walk, tracker.observe = learn, observe
     window = ends[1 : walks + 2]
-    return window[-1][0] - window[0][0], sum(seen for _, seen in window[1:]), walks
+    seen = sum(s for _, s, _ in window[1:])
+    moved = (window[-1][2] - window[0][2]) / max(seen, 1)
+    return window[-1][0] - window[0][0], seen, walks, moved
 
 
 async def _rows_written(store: Any) -> int:
@@ -244,15 +276,15 @@ async def _sdk(url: str, ids: list[str], reps: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="one measured client of the CPU benchmark")
-    parser.add_argument("client", choices=["poller", "sdk"])
+    parser.add_argument("client", choices=["poller", "steady", "sdk"])
     parser.add_argument("--reps", type=int, default=REPS)
     parser.add_argument("url")
     parser.add_argument("ids", type=Path)
     parser.add_argument("state", type=Path, nargs="?")
     args = parser.parse_args()
     ids: list[str] = json.loads(args.ids.read_text())
-    if args.client == "poller":
-        result = asyncio.run(_poller(args.url, ids, args.state, args.reps))
+    if args.client in {"poller", "steady"}:
+        result = asyncio.run(_poller(args.url, ids, args.state, args.reps, only_steady=args.client == "steady"))
     else:
         result = asyncio.run(_sdk(args.url, ids, args.reps))
     result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
