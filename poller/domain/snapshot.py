@@ -67,13 +67,17 @@ def check_count(name: str, value: object) -> int:
     return value
 
 
+def _plain_count(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_COUNT
+
+
 def make_counts(total: object, completed: object, failed: object, prefix: str = "request_counts") -> Counts:
     """Checked counts: each a non-negative integer, completed + failed at most total."""
-    counts = Counts(
-        check_count(f"{prefix}.total", total),
-        check_count(f"{prefix}.completed", completed),
-        check_count(f"{prefix}.failed", failed),
-    )
+    if not (_plain_count(total) and _plain_count(completed) and _plain_count(failed)):  # else say which
+        total = check_count(f"{prefix}.total", total)
+        completed = check_count(f"{prefix}.completed", completed)
+        failed = check_count(f"{prefix}.failed", failed)
+    counts = Counts(total, completed, failed)  # type: ignore[arg-type]
     if counts.finished > counts.total:
         raise InvalidSnapshotError(prefix, "completed + failed exceeds total")
     return counts
@@ -150,8 +154,14 @@ class Snapshot:
             raise InvalidSnapshotError("id", "missing")
         check_time("created_at", self.created_at, optional=False)
         check_time("expires_at", self.expires_at)
-        if self.counts is not None:  # adapters may build Counts directly
-            make_counts(self.counts.total, self.counts.completed, self.counts.failed)
+        counts = self.counts
+        if counts is not None and not (  # adapters may build Counts directly; most use make_counts
+            _plain_count(counts.total)
+            and _plain_count(counts.completed)
+            and _plain_count(counts.failed)
+            and counts.completed + counts.failed <= counts.total
+        ):
+            make_counts(counts.total, counts.completed, counts.failed)
         for status, when in self.entered.items():
             if status not in RANK:
                 raise InvalidSnapshotError("entered", f"{status!r} is not a lifecycle status")

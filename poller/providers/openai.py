@@ -25,6 +25,8 @@ from poller.providers.openai_types import Batch
 #: The most batches one `GET /batches` page returns (the API's `limit` maximum).
 PAGE_SIZE = 100
 _STAMPED = tuple(s for s in STATUSES if s != "validating")
+#: (status, the field that stamps when the batch entered it)
+_STAMPS = tuple((s, f"{s}_at") for s in _STAMPED)
 #: Integer fields pydantic would also take from a JSON string or boolean ("17", true): not numbers we trust.
 _INTEGERS = ("created_at", "expires_at", *(f"{s}_at" for s in _STAMPED))
 _COUNTS = ("total", "completed", "failed")
@@ -97,8 +99,8 @@ class OpenAIProvider(HttpProvider):
         if (loose := _loose_integer(raw)) is not None:
             raise self.invalid(loose)
         entered: dict[str, int] = {"validating": batch.created_at}
-        for status in _STAMPED:
-            when = getattr(batch, f"{status}_at", None)
+        for status, stamp in _STAMPS:
+            when = getattr(batch, stamp, None)
             if when is not None:
                 entered[status] = when
         rc = batch.request_counts
