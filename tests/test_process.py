@@ -301,7 +301,7 @@ async def test_dead_letter_then_redeliver_from_the_cli(tmp_path):
                 def dead() -> str:
                     return cli("deliveries", "--dead", "--config", str(config)).stdout
 
-                await eventually(lambda: "dead" in dead() and batch_id in dead(), timeout=15)
+                await eventually(lambda: "dead" in dead() and batch_id in dead(), timeout=45)
                 assert "HTTP 400" in dead()
                 accept.set()
                 result = await asyncio.to_thread(cli, "redeliver", "--all-dead", "--config", str(config))
