@@ -165,7 +165,8 @@ class Snapshot:
         for status, when in self.entered.items():
             if status not in RANK:
                 raise InvalidSnapshotError("entered", f"{status!r} is not a lifecycle status")
-            check_time(f"{status}_at", when, optional=False)
+            if type(when) is not int or not EARLIEST <= when < LATEST:  # the field's name only to say so
+                check_time(f"{status}_at", when, optional=False)
         check_raw(self.raw)
 
     def entered_at(self, status: str) -> int | None:
