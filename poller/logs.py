@@ -9,11 +9,13 @@ control characters are escaped, so a hostile value can neither flood the journal
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 #: Longest string value a log line carries; the rest is replaced by a count.
@@ -54,12 +56,23 @@ def _escape(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> M
     return event_dict
 
 
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    """A log line's JSON: orjson (one line per transition adds up), else the standard library (a value
+    orjson refuses, such as text with a lone surrogate, still gets its line)."""
+    try:
+        return orjson.dumps(obj, default=kwargs.get("default"), option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(obj, **kwargs)
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Set up structlog once per process; `fmt` is auto, json or console."""
     stream = stream or sys.stderr
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty()) if console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        if console
+        else structlog.processors.JSONRenderer(serializer=_dumps)
     )
     structlog.configure(
         processors=[
