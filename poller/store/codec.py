@@ -1,4 +1,5 @@
-"""How detection's knowledge is kept in a store row (JSON, the same for every store).
+"""How a batch row is kept in a store (the same for every store): detection's knowledge as JSON, the
+provider's body as canonical JSON text and its fingerprint, and the columns the poll loop reads back.
 
 Counts are kept as [completed, failed, total], the 0.1 layout, so version-1 rows read unchanged; the
 pace anchors of the ETA as [time, finished] pairs (absent in older rows: no estimate until counts move).
@@ -6,22 +7,26 @@ pace anchors of the ETA as [time, finished] pairs (absent in older rows: no esti
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from poller.domain.snapshot import Counts
 from poller.domain.transitions import Knowledge
+from poller.store.base import TrackedBatch
+
+#: The columns of a batch row that `Decoder.batch` reads: `TrackedBatch`'s first fields, in their order
+#: (the body, when wanted, follows).
+BATCH_COLUMNS = (
+    "source, id, origin, added_at, state, knowledge, created_at, next_due, interval, error_streak,"
+    " not_found, updated_at, finished_at, fingerprint"
+)
 
 
 def _counts_out(c: Counts | None) -> list[int] | None:
     return None if c is None else [c.completed, c.failed, c.total]
-
-
-def _counts_in(value: Any) -> Counts | None:
-    if value is None:
-        return None
-    completed, failed, total = (int(v) for v in value)
-    return Counts(total=total, completed=completed, failed=failed)
 
 
 def knowledge_to_json(k: Knowledge) -> str:
@@ -43,21 +48,95 @@ def knowledge_to_json(k: Knowledge) -> str:
 
 
 def knowledge_from_json(text: str | None) -> Knowledge:
-    raw = json.loads(text or "{}")
-    return Knowledge(
-        status=raw.get("status"),
-        seen=frozenset(raw.get("seen", ())),
-        sequence=int(raw.get("sequence", 0)),
-        counts=_counts_in(raw.get("counts")),
-        counts_changed_at=raw.get("counts_changed_at"),
-        progress_counts=_counts_in(raw.get("progress_counts")),
-        progress_at=raw.get("progress_at"),
-        stalled_at_counts=_counts_in(raw.get("stalled_at_counts")),
-        expiring_sent=bool(raw.get("expiring_sent", False)),
-        anchors=tuple((float(at), int(finished)) for at, finished in raw.get("anchors", ())),
-    )
+    return Decoder().knowledge(text)
+
+
+_decode = json.JSONDecoder().raw_decode
+
+
+class Decoder:
+    """Decodes the rows of one read: equal counts, status sets and names become one shared object each
+    (all of them immutable), so a large tracked set decodes faster and holds far fewer objects."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[int, ...], Counts] = {}
+        self._seen: dict[tuple[str, ...], frozenset[str]] = {}
+
+    def counts(self, value: Any) -> Counts | None:
+        if value is None:
+            return None
+        key = tuple(value)
+        found = self._counts.get(key)
+        if found is None:
+            completed, failed, total = (int(v) for v in key)
+            found = self._counts[key] = Counts(total=total, completed=completed, failed=failed)
+        return found
+
+    def seen(self, value: Sequence[str]) -> frozenset[str]:
+        key = tuple(value)
+        found = self._seen.get(key)
+        if found is None:
+            found = self._seen[key] = frozenset(sys.intern(str(s)) for s in key)
+        return found
+
+    def knowledge(self, text: str | None) -> Knowledge:
+        if not text:
+            return Knowledge()
+        try:
+            raw = _decode(text)[0]  # what `knowledge_to_json` writes: no whitespace around it
+        except ValueError:
+            raw = json.loads(text)
+        get, counts = raw.get, self.counts
+        status = get("status")
+        anchors = get("anchors")
+        return Knowledge(
+            status=None if status is None else sys.intern(status),
+            seen=self.seen(get("seen", ())),
+            sequence=int(get("sequence", 0)),
+            counts=counts(get("counts")),
+            counts_changed_at=get("counts_changed_at"),
+            progress_counts=counts(get("progress_counts")),
+            progress_at=get("progress_at"),
+            stalled_at_counts=counts(get("stalled_at_counts")),
+            expiring_sent=bool(get("expiring_sent", False)),
+            anchors=tuple((float(at), int(finished)) for at, finished in anchors) if anchors else (),
+        )
+
+    def batch(self, row: Sequence[Any], *, with_raw: bool = False) -> TrackedBatch:
+        """A `TrackedBatch` from a row of `BATCH_COLUMNS` (followed by the body when `with_raw`)."""
+        intern = sys.intern
+        body = row[14] if with_raw else None
+        # Positional (a third of the cost of keywords, for every row of a large set): the columns are
+        # the fields in order, which tests/test_store.py checks.
+        return TrackedBatch(
+            intern(row[0]),
+            row[1],
+            intern(row[2]),
+            row[3],
+            intern(row[4]),
+            self.knowledge(row[5]),
+            row[6],
+            row[7],
+            row[8],
+            row[9],
+            row[10],
+            row[11],
+            row[12],
+            row[13],
+            json.loads(body) if body else None,
+        )
 
 
 def dump_body(raw: Any) -> str:
     """The canonical JSON text of a provider's body: what the store keeps and fingerprints hash."""
     return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+
+
+def fingerprint(body: str) -> int:
+    """A body text's fingerprint: 64 bits of its BLAKE2b hash, as a signed integer (a BIGINT column).
+
+    Stable across processes (unlike `hash`, salted per process), so the store keeps it next to the
+    body and a restart still tells an unchanged body without reading the body back.
+    """
+    digest = hashlib.blake2b(body.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
