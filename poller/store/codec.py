@@ -1,16 +1,21 @@
 """How a batch row is kept in a store (the same for every store): detection's knowledge as JSON, the
 provider's body as canonical JSON text and its fingerprint, and the columns the poll loop reads back.
 
-Counts are kept as [completed, failed, total], the 0.1 layout, so version-1 rows read unchanged; the
-pace anchors of the ETA as [time, finished] pairs (absent in older rows: no estimate until counts move).
+Knowledge is written as one JSON array, its fields in order after a layout tag (`KNOWLEDGE_LAYOUT`):
+an array decodes in half the time of an object with its keys, for every row of a large tracked set.
+Rows written before (an object with keys) still read. Counts are kept as [completed, failed, total],
+the 0.1 layout; the pace anchors of the ETA as [time, finished] pairs (absent in older rows: no
+estimate until counts move).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from poller.domain.snapshot import Counts
@@ -29,20 +34,25 @@ def _counts_out(c: Counts | None) -> list[int] | None:
     return None if c is None else [c.completed, c.failed, c.total]
 
 
+#: The first element of a knowledge array: which fields follow, in which order.
+KNOWLEDGE_LAYOUT = 2
+
+
 def knowledge_to_json(k: Knowledge) -> str:
     return json.dumps(
-        {
-            "status": k.status,
-            "seen": sorted(k.seen),
-            "sequence": k.sequence,
-            "counts": _counts_out(k.counts),
-            "counts_changed_at": k.counts_changed_at,
-            "progress_counts": _counts_out(k.progress_counts),
-            "progress_at": k.progress_at,
-            "stalled_at_counts": _counts_out(k.stalled_at_counts),
-            "expiring_sent": k.expiring_sent,
-            "anchors": [[at, finished] for at, finished in k.anchors],
-        },
+        [
+            KNOWLEDGE_LAYOUT,
+            k.status,
+            sorted(k.seen),
+            k.sequence,
+            _counts_out(k.counts),
+            k.counts_changed_at,
+            _counts_out(k.progress_counts),
+            k.progress_at,
+            _counts_out(k.stalled_at_counts),
+            k.expiring_sent,
+            [[at, finished] for at, finished in k.anchors],
+        ],
         separators=(",", ":"),
     )
 
@@ -52,6 +62,20 @@ def knowledge_from_json(text: str | None) -> Knowledge:
 
 
 _decode = json.JSONDecoder().raw_decode
+
+
+@contextmanager
+def no_collection() -> Iterator[None]:
+    """Pause the cycle collector while a large read builds its rows: they hold no cycles, and with
+    100,000 rows the collector's full passes over the growing heap were a sixth of the read."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 class Decoder:
@@ -86,6 +110,28 @@ class Decoder:
             raw = _decode(text)[0]  # what `knowledge_to_json` writes: no whitespace around it
         except ValueError:
             raw = json.loads(text)
+        if isinstance(raw, dict):
+            return self._keyed(raw)
+        layout, status, seen, sequence, counts, changed_at, progress, progress_at, stalled, expiring, anchors = raw
+        if layout != KNOWLEDGE_LAYOUT:
+            msg = f"unknown knowledge layout {layout!r}"
+            raise ValueError(msg)
+        as_counts = self.counts
+        return Knowledge(  # positional: the fields in their order (a third faster than keywords)
+            None if status is None else sys.intern(status),
+            self.seen(seen),
+            sequence,
+            as_counts(counts),
+            changed_at,
+            as_counts(progress),
+            progress_at,
+            as_counts(stalled),
+            expiring,
+            tuple((float(at), int(finished)) for at, finished in anchors) if anchors else (),
+        )
+
+    def _keyed(self, raw: dict[str, Any]) -> Knowledge:
+        """A row written before knowledge became an array (and every version-1 row)."""
         get, counts = raw.get, self.counts
         status = get("status")
         anchors = get("anchors")

@@ -9,7 +9,7 @@ from typing import Any
 from poller.domain.lifecycle import RANK
 from poller.domain.transitions import Knowledge
 from poller.store.base import ACTIVE, GONE, TrackedBatch
-from poller.store.codec import BATCH_COLUMNS, Decoder, knowledge_to_json
+from poller.store.codec import BATCH_COLUMNS, Decoder, knowledge_to_json, no_collection
 from poller.store.sqlite._conn import Connection, chunks, marks
 
 
@@ -91,7 +91,8 @@ class BatchRows:
         cur = self.conn.db.cursor()
         cur.row_factory = None  # plain tuples: a large tracked set loads at start-up, before READY
         decoder = Decoder()
-        return [decoder.batch(row, with_raw=with_raw) for row in cur.execute(sql + " ORDER BY added_at, id", args)]
+        with no_collection():
+            return [decoder.batch(row, with_raw=with_raw) for row in cur.execute(sql + " ORDER BY added_at, id", args)]
 
     def batch(self, source: str, batch_id: str) -> TrackedBatch | None:
         cur = self.conn.db.cursor()
