@@ -20,7 +20,7 @@ from poller.domain.transitions import Knowledge
 from poller.errors import ConfigError
 from poller.store import ACTIVE, FINAL, open_store
 from poller.store.base import NewEvent, Write
-from poller.store.codec import knowledge_from_json
+from poller.store.codec import fingerprint, knowledge_from_json
 from poller.store.sqlite._conn import SCHEMA_VERSION
 
 V1 = Path(__file__).resolve().parent / "data" / "state-v1.db"
@@ -106,6 +106,8 @@ async def test_a_v1_file_is_upgraded_in_place_with_every_batch(v1: Path, origina
         )
         assert (batch.updated_at, batch.finished_at) == (before["updated_at"], before["finished_at"])
         assert batch.raw == json.loads(before["snapshot"])
+    # Every stored body got its fingerprint, as the poll loop computes it (it loads no body).
+    assert [b.fingerprint for b in batches] == [fingerprint(r["snapshot"]) for r in original["batches"]]
     # The stored sequence became the compare-and-set column.
     assert [r["sequence"] for r in read(v1, "SELECT sequence FROM batches ORDER BY added_at, id")] == [
         json.loads(r["knowledge"])["sequence"] for r in original["batches"]

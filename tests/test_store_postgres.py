@@ -19,7 +19,8 @@ from poller.errors import ConfigError
 from poller.sim import serve
 from poller.store import open_store
 from poller.store.base import Write
-from poller.store.postgres import PostgresStore
+from poller.store.codec import dump_body, fingerprint
+from poller.store.postgres import PostgresStore, _schema
 from poller.store.postgres._schema import SCHEMA_VERSION
 from poller.store.postgres.outbox import CLAIM_TTL
 from poller.store.sqlite import SqliteStore
@@ -113,6 +114,28 @@ async def test_the_schema_is_created_once_and_a_newer_one_is_refused(
             pass
     assert info.value.key == "state.url"
     assert "newer" in info.value.fix or "version" in info.value.problem
+
+
+async def test_version_3_backfills_the_fingerprint_of_every_stored_body(
+    postgres_cluster: Cluster, postgres_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conninfo, url = postgres_cluster.conninfo(postgres_database), postgres_cluster.url(postgres_database)
+    bodies = {f"b{i}": dump_body({"id": f"b{i}", "status": "in_progress", "n": i}) for i in range(2_500)}
+    everything = _schema.migrations()
+    monkeypatch.setattr(_schema, "migrations", lambda: [m for m in everything if m[0] <= 2])
+    async with PostgresStore(conninfo, url):  # a database the previous release made
+        pass
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO batches (source, id, origin, added_at, snapshot) VALUES (%s, %s, 'cli', 0, %s)",
+                [(SRC, batch_id, body) for batch_id, body in bodies.items()],
+            )
+        conn.execute("INSERT INTO batches (source, id, origin, added_at) VALUES (%s, 'never-seen', 'cli', 1)", (SRC,))
+    monkeypatch.setattr(_schema, "migrations", lambda: everything)
+    async with PostgresStore(conninfo, url) as store:
+        loaded = {b.id: b.fingerprint for b in await store.batches(SRC)}
+    assert loaded == {**{i: fingerprint(body) for i, body in bodies.items()}, "never-seen": None}
 
 
 async def test_a_head_claimed_by_one_replica_waits_for_its_claim(

@@ -17,7 +17,7 @@ from poller.metrics import Metrics
 from poller.polling.recorder import Recorder
 from poller.polling.tracker import Backoff, Observation, Tracker
 from poller.store import ACTIVE, FINAL, GONE, TrackedBatch, open_store
-from poller.store.codec import dump_body
+from poller.store.codec import dump_body, fingerprint
 from tests.helpers import make_snapshot
 
 SOURCE = "openai"
@@ -125,6 +125,29 @@ async def test_an_observation_becomes_routed_durable_events(tmp_path: Path) -> N
         again = await recorder.record(SOURCE, "openai", [observation], NOW + 1)
         assert again.conflicts == ((SOURCE, "batch_a"),)
         assert again.enqueued == 0
+
+
+async def test_after_a_restart_the_stored_fingerprint_still_tells_an_unchanged_body(tmp_path: Path) -> None:
+    """The store keeps the body's fingerprint, not the body, for the poll loop: it must be the one
+    `observe` computes in any process (`hash` of a str is salted per process)."""
+    snap = make_snapshot("in_progress", request_counts={"completed": 1, "failed": 0, "total": 9})
+    async with open_store(tmp_path / "state.db") as store:
+        await store.track(SOURCE, ["batch_a"], "cli", NOW)
+        first = make_tracker(ids=())
+        first.load(await store.batches(SOURCE))
+        observation = observe(first, snap, NOW)
+        assert observation is not None
+        assert observation.body is not None
+        await Recorder(store, routed, Metrics()).record(SOURCE, "openai", [observation], NOW)
+
+        restarted = make_tracker(ids=())
+        restarted.load(await store.batches(SOURCE))
+        [loaded] = restarted.batches.values()
+        assert loaded.raw is None
+        assert loaded.fingerprint == fingerprint(dump_body(snap.raw))
+        again = observe(restarted, snap, NOW + 30)
+        assert again is not None
+        assert (again.row, again.body, again.changes) == (None, None, [])  # nothing to write
 
 
 def test_unchanged_batch_gives_no_update_and_backs_off() -> None:

@@ -19,6 +19,9 @@ from poller.domain.lifecycle import EXPIRY_WATCHED, IMPLIED, INTERMEDIATE, RANK,
 from poller.domain.snapshot import Counts, Snapshot
 
 SIGNAL_TYPES = frozenset({"batch.progress", "batch.stalled", "batch.expiring"})
+#: One shared set per combination of statuses seen (a few at most): a new one per batch was a fifth of
+#: the memory a tracked batch holds.
+_SEEN: dict[frozenset[str], frozenset[str]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +121,8 @@ def _status_changes(known: Knowledge, snap: Snapshot, emit: _Emitter) -> tuple[f
             emit(f"batch.{entered}", entered, prev, snap.entered_at(entered))
             seen.add(entered)
         prev = entered
-    return frozenset(seen), None
+    entered_set = frozenset(seen)
+    return _SEEN.setdefault(entered_set, entered_set), None
 
 
 def _signal_changes(known: Knowledge, new: Knowledge, snap: Snapshot, policy: Policy, emit: _Emitter) -> Knowledge:

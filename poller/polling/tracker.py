@@ -20,7 +20,7 @@ from poller.domain.snapshot import Snapshot
 from poller.domain.transitions import Change, Policy, detect, quiet, quiet_as_known
 from poller.errors import ApiError
 from poller.store.base import ACTIVE, FINAL, GONE, TrackedBatch
-from poller.store.codec import dump_body
+from poller.store.codec import dump_body, fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +145,8 @@ class Tracker:
         tracked = self.batches.get(snap.id)
         if tracked is None or tracked.state != ACTIVE:
             return None
-        fingerprint = hash(body)
-        changed = fingerprint != tracked.fingerprint
+        new_print = fingerprint(body)
+        changed = new_print != tracked.fingerprint
         was_erroring = tracked.error_streak > 0 or tracked.not_found > 0
         if not changed and not was_erroring and quiet(tracked.knowledge, snap, now, self.policy):
             # The fast path: the same body as last time, and no time-based signal due.
@@ -164,7 +164,7 @@ class Tracker:
             tracked.next_due = self._next_due(tracked, snap, now, listed)
             return Observation(snap, None, warning=detection.warning)
         tracked.knowledge = detection.knowledge
-        tracked.fingerprint = fingerprint
+        tracked.fingerprint = new_print
         tracked.observed, tracked.expires_at = True, snap.expires_at  # what `unchanged` compares against
         tracked.created_at = snap.created_at
         tracked.next_due = self._next_due(tracked, snap, now, listed)
@@ -185,7 +185,7 @@ class Tracker:
         tracked = self.batches.get(batch_id)
         if tracked is None or tracked.state != ACTIVE or not tracked.observed or tracked.created_at is None:
             return None
-        if tracked.error_streak or tracked.not_found or tracked.fingerprint != hash(dump_body(item)):
+        if tracked.error_streak or tracked.not_found or tracked.fingerprint != fingerprint(dump_body(item)):
             return None
         if not quiet_as_known(tracked.knowledge, tracked.expires_at, now, self.policy):
             return None

@@ -29,7 +29,8 @@ class TrackedBatch:
     """One tracked batch: its schedule and what detection knows of it (the store's row mirrors it).
 
     `raw` (the provider's last body) is filled only on reads meant for display or pruning; the poll
-    loop keeps just `fingerprint`, a hash of that body, to tell whether anything changed.
+    loop keeps just `fingerprint`, a stable hash of that body (`codec.fingerprint`, stored with the
+    body), to tell whether anything changed.
     """
 
     source: str

@@ -7,13 +7,15 @@ at a newer version than this release knows is refused.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.rows import DictRow
+from psycopg.rows import DictRow, tuple_row
 
 from poller.errors import ConfigError
+from poller.store.codec import fingerprint
 
 #: Any constant: the advisory lock replicas take while they migrate.
 MIGRATION_LOCK = 0x6261_7463_6870_6F6C
@@ -31,6 +33,23 @@ def migrations() -> list[tuple[int, str]]:
 
 
 SCHEMA_VERSION = max(v for v, _ in migrations())
+#: Rows the fingerprint backfill reads and writes at a time.
+BACKFILL_CHUNK = 1000
+
+
+async def _backfill_fingerprints(conn: AsyncConnection[DictRow]) -> None:
+    """Version 3: the fingerprint of every stored body (computed here: PostgreSQL has no BLAKE2b)."""
+    async with conn.cursor(name="poller_backfill", row_factory=tuple_row) as rows, conn.cursor() as update:
+        await rows.execute("SELECT source, id, snapshot FROM batches WHERE snapshot IS NOT NULL AND snapshot <> ''")
+        while chunk := await rows.fetchmany(BACKFILL_CHUNK):
+            await update.executemany(
+                "UPDATE batches SET fingerprint = %s WHERE source = %s AND id = %s",
+                [(fingerprint(body), source, batch_id) for source, batch_id, body in chunk],
+            )
+
+
+#: Steps in Python that follow a schema file's SQL, in its transaction.
+AFTER: dict[int, Callable[[AsyncConnection[DictRow]], Awaitable[None]]] = {3: _backfill_fingerprints}
 
 
 async def migrate(conn: AsyncConnection[DictRow], where: str) -> None:
@@ -53,6 +72,8 @@ async def migrate(conn: AsyncConnection[DictRow], where: str) -> None:
             try:
                 async with conn.transaction():
                     await conn.execute(sql.encode())
+                    if number in AFTER:
+                        await AFTER[number](conn)
                     await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
             except psycopg.Error as exc:
                 raise ConfigError(

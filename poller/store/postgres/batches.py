@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.rows import DictRow
+from psycopg.rows import DictRow, tuple_row
 
 from poller.domain.lifecycle import RANK
 from poller.domain.transitions import Knowledge
 from poller.store.base import ACTIVE, GONE, TrackedBatch
-from poller.store.codec import knowledge_from_json, knowledge_to_json
+from poller.store.codec import BATCH_COLUMNS, Decoder, knowledge_to_json
 
 Conn = AsyncConnection[DictRow]
 
@@ -89,18 +87,23 @@ async def untracked(conn: Conn, source: str, ids: Sequence[str]) -> set[str]:
 async def batches(
     conn: Conn, source: str | None, states: Sequence[str] | None, *, with_raw: bool
 ) -> list[TrackedBatch]:
-    cur = await conn.execute(
-        "SELECT * FROM batches WHERE (%(source)s::text IS NULL OR source = %(source)s)"
-        " AND (%(states)s::text[] IS NULL OR state = ANY(%(states)s)) ORDER BY added_at, id, source",
-        {"source": source, "states": list(states) if states else None},
-    )
-    return [row_to_batch(r, with_raw=with_raw) for r in await cur.fetchall()]
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(
+            f"SELECT {_columns(with_raw=with_raw)} FROM batches WHERE (%(source)s::text IS NULL OR source = %(source)s)"
+            " AND (%(states)s::text[] IS NULL OR state = ANY(%(states)s)) ORDER BY added_at, id, source",
+            {"source": source, "states": list(states) if states else None},
+        )
+        decoder = Decoder()
+        return [decoder.batch(r, with_raw=with_raw) for r in await cur.fetchall()]
 
 
 async def batch(conn: Conn, source: str, batch_id: str) -> TrackedBatch | None:
-    cur = await conn.execute("SELECT * FROM batches WHERE source = %s AND id = %s", (source, batch_id))
-    found = await cur.fetchone()
-    return None if found is None else row_to_batch(found, with_raw=True)
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(
+            f"SELECT {_columns(with_raw=True)} FROM batches WHERE source = %s AND id = %s", (source, batch_id)
+        )
+        found = await cur.fetchone()
+    return None if found is None else Decoder().batch(found, with_raw=True)
 
 
 async def save_schedule(conn: Conn, rows: Sequence[TrackedBatch]) -> None:
@@ -112,12 +115,15 @@ async def save_schedule(conn: Conn, rows: Sequence[TrackedBatch]) -> None:
 
 
 async def prune(conn: Conn, before: float, source: str | None) -> list[TrackedBatch]:
-    cur = await conn.execute(
-        "DELETE FROM batches WHERE state != %s AND finished_at IS NOT NULL AND finished_at < %s"
-        " AND (%s::text IS NULL OR source = %s) RETURNING *",
-        (ACTIVE, before, source, source),
-    )
-    pruned = sorted((row_to_batch(r, with_raw=True) for r in await cur.fetchall()), key=lambda b: (b.added_at, b.id))
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(
+            "DELETE FROM batches WHERE state != %s AND finished_at IS NOT NULL AND finished_at < %s"
+            f" AND (%s::text IS NULL OR source = %s) RETURNING {_columns(with_raw=True)}",
+            (ACTIVE, before, source, source),
+        )
+        decoder = Decoder()
+        pruned = [decoder.batch(r, with_raw=True) for r in await cur.fetchall()]
+    pruned.sort(key=lambda b: (b.added_at, b.id))
     await conn.execute("DELETE FROM outbox WHERE state = 'delivered' AND updated_at < %s", (before,))
     await conn.execute(
         "DELETE FROM events WHERE detected_at < %s AND NOT EXISTS"
@@ -142,22 +148,5 @@ async def set_cursor(conn: Conn, source: str, name: str, value: str) -> None:
     )
 
 
-def row_to_batch(row: dict[str, Any], *, with_raw: bool) -> TrackedBatch:
-    body = row["snapshot"]
-    return TrackedBatch(
-        source=row["source"],
-        id=row["id"],
-        origin=row["origin"],
-        added_at=row["added_at"],
-        state=row["state"],
-        knowledge=knowledge_from_json(row["knowledge"]),
-        created_at=row["created_at"],
-        next_due=row["next_due"],
-        interval=row["interval"],
-        error_streak=row["error_streak"],
-        not_found=row["not_found"],
-        updated_at=row["updated_at"],
-        finished_at=row["finished_at"],
-        fingerprint=hash(body) if body else None,
-        raw=json.loads(body) if body and with_raw else None,
-    )
+def _columns(*, with_raw: bool) -> str:
+    return BATCH_COLUMNS + ", snapshot" if with_raw else BATCH_COLUMNS

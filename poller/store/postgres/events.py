@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from poller.store.base import LoggedEvent, NewEvent, Recorded, Write
-from poller.store.codec import knowledge_to_json
+from poller.store.codec import fingerprint, knowledge_to_json
 from poller.store.postgres.batches import Conn
 
 _UPDATE = (
     "UPDATE batches SET state = %s, status = %s, created_at = %s, snapshot = COALESCE(%s, snapshot),"
+    " fingerprint = COALESCE(%s, fingerprint),"
     " knowledge = %s, sequence = %s, next_due = %s, interval = %s, error_streak = %s, not_found = %s,"
     " updated_at = %s, finished_at = %s WHERE source = %s AND id = %s"
 )
@@ -36,6 +37,7 @@ async def record(conn: Conn, writes: Sequence[Write], now: float) -> Recorded:
             k.status,
             b.created_at,
             write.body,
+            None if write.body is None else fingerprint(write.body),
             knowledge_to_json(k),
             k.sequence,
             b.next_due,

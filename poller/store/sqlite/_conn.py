@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from poller.errors import ConfigError
+from poller.store.codec import fingerprint
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -47,6 +48,7 @@ class Connection:
             uri = path.absolute().as_uri() + ("?mode=ro" if self.readonly else "")
             db = sqlite3.connect(uri, uri=True, isolation_level=None)
             db.row_factory = sqlite3.Row
+            db.create_function("poller_fingerprint", 1, fingerprint, deterministic=True)  # for migrations
             db.execute("PRAGMA busy_timeout = 10000")
             if not self.readonly:
                 _wal(db)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 from poller.domain.lifecycle import RANK
 from poller.domain.transitions import Knowledge
 from poller.store.base import ACTIVE, GONE, TrackedBatch
-from poller.store.codec import knowledge_from_json, knowledge_to_json
+from poller.store.codec import BATCH_COLUMNS, Decoder, knowledge_to_json, no_collection
 from poller.store.sqlite._conn import Connection, chunks, marks
 
 
@@ -79,7 +78,7 @@ class BatchRows:
     def batches(
         self, source: str | None = None, states: Sequence[str] | None = None, *, with_raw: bool = False
     ) -> list[TrackedBatch]:
-        sql = "SELECT * FROM batches"
+        sql = f"SELECT {_columns(with_raw=with_raw)} FROM batches"
         clauses, args = [], []
         if source is not None:
             clauses.append("source = ?")
@@ -89,12 +88,19 @@ class BatchRows:
             args.extend(states)
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        rows = self.conn.db.execute(sql + " ORDER BY added_at, id", args)
-        return [row_to_batch(row, with_raw=with_raw) for row in rows]
+        cur = self.conn.db.cursor()
+        cur.row_factory = None  # plain tuples: a large tracked set loads at start-up, before READY
+        decoder = Decoder()
+        with no_collection():
+            return [decoder.batch(row, with_raw=with_raw) for row in cur.execute(sql + " ORDER BY added_at, id", args)]
 
     def batch(self, source: str, batch_id: str) -> TrackedBatch | None:
-        row = self.conn.db.execute("SELECT * FROM batches WHERE source = ? AND id = ?", (source, batch_id)).fetchone()
-        return None if row is None else row_to_batch(row, with_raw=True)
+        cur = self.conn.db.cursor()
+        cur.row_factory = None
+        row = cur.execute(
+            f"SELECT {_columns(with_raw=True)} FROM batches WHERE source = ? AND id = ?", (source, batch_id)
+        ).fetchone()
+        return None if row is None else Decoder().batch(row, with_raw=True)
 
     def save_schedule(self, batches: Iterable[TrackedBatch]) -> None:
         with self.conn.tx() as db:
@@ -105,12 +111,18 @@ class BatchRows:
 
     def prune(self, before: float, source: str | None = None) -> list[TrackedBatch]:
         with self.conn.tx() as db:
-            sql = "SELECT * FROM batches WHERE state != ? AND finished_at IS NOT NULL AND finished_at < ?"
+            sql = (
+                f"SELECT {_columns(with_raw=True)} FROM batches"
+                " WHERE state != ? AND finished_at IS NOT NULL AND finished_at < ?"
+            )
             args: list[Any] = [ACTIVE, before]
             if source is not None:
                 sql += " AND source = ?"
                 args.append(source)
-            pruned = [row_to_batch(r, with_raw=True) for r in db.execute(sql, args).fetchall()]
+            cur = db.cursor()
+            cur.row_factory = None
+            decoder = Decoder()
+            pruned = [decoder.batch(r, with_raw=True) for r in cur.execute(sql, args).fetchall()]
             db.executemany("DELETE FROM batches WHERE source = ? AND id = ?", [(b.source, b.id) for b in pruned])
             db.execute("DELETE FROM outbox WHERE state = 'delivered' AND updated_at < ?", (before,))
             db.execute(
@@ -134,22 +146,5 @@ class BatchRows:
             )
 
 
-def row_to_batch(row: sqlite3.Row, *, with_raw: bool) -> TrackedBatch:
-    body = row["snapshot"]
-    return TrackedBatch(
-        source=row["source"],
-        id=row["id"],
-        origin=row["origin"],
-        added_at=row["added_at"],
-        state=row["state"],
-        knowledge=knowledge_from_json(row["knowledge"]),
-        created_at=row["created_at"],
-        next_due=row["next_due"],
-        interval=row["interval"],
-        error_streak=row["error_streak"],
-        not_found=row["not_found"],
-        updated_at=row["updated_at"],
-        finished_at=row["finished_at"],
-        fingerprint=hash(body) if body else None,
-        raw=json.loads(body) if body and with_raw else None,
-    )
+def _columns(*, with_raw: bool) -> str:
+    return BATCH_COLUMNS + ", snapshot" if with_raw else BATCH_COLUMNS

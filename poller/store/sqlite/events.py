@@ -8,11 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from poller.store.base import LoggedEvent, NewEvent, OutboxRow, Recorded, Write
-from poller.store.codec import knowledge_to_json
+from poller.store.codec import fingerprint, knowledge_to_json
 from poller.store.sqlite._conn import Connection, marks
 
 _UPDATE = (
-    "UPDATE batches SET state = ?, status = ?, created_at = ?, snapshot = COALESCE(?, snapshot), knowledge = ?,"
+    "UPDATE batches SET state = ?, status = ?, created_at = ?, snapshot = COALESCE(?, snapshot),"
+    " fingerprint = COALESCE(?, fingerprint), knowledge = ?,"
     " sequence = ?, next_due = ?, interval = ?, error_streak = ?, not_found = ?, updated_at = ?, finished_at = ?"
     " WHERE source = ? AND id = ?"
 )
@@ -33,6 +34,7 @@ class EventRows:
                     k.status,
                     b.created_at,
                     write.body,
+                    None if write.body is None else fingerprint(write.body),
                     knowledge_to_json(k),
                     k.sequence,
                     b.next_due,
