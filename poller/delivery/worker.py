@@ -37,6 +37,12 @@ CLAIM_EVERY = 0.25
 HANDED_LIMIT = 100_000
 #: How many event ids taken from the outbox are remembered against a late hand-over.
 TAKEN_MEMORY = 50_000
+#: An outbox read asks for this many due heads per send slot beyond the free ones: they wait in memory
+#: (`_ahead`), so a backlog refills each slot without a store round trip per event.
+READ_AHEAD = 4
+#: A head read ahead and not sent within this long is read again (a shared store's claim on it lasts far
+#: longer, so another replica never takes it meanwhile).
+AHEAD_TTL = 5.0
 
 
 class DeliveryWorker:
@@ -64,6 +70,8 @@ class DeliveryWorker:
         self._ack_task: asyncio.Task[None] | None = None
         # Heads handed over by the recorder (`offer`), sent without reading the outbox back.
         self._handed: dict[str, OutboxRow] = {}
+        # Due heads read from the outbox beyond the free slots, oldest first, with when they were read.
+        self._ahead: dict[tuple[str, str], tuple[OutboxRow, float]] = {}
         # Event ids recently taken from the outbox, so a late hand-over of the same row is not sent twice.
         self._taken: deque[str] = deque(maxlen=TAKEN_MEMORY)
         self._taken_ids: set[str] = set()
@@ -85,6 +93,7 @@ class DeliveryWorker:
     def forget_offers(self) -> None:
         """Another process changed the outbox (e.g. `redeliver`): read heads from the store again."""
         self._handed.clear()
+        self._ahead.clear()
         self._wake.set()
 
     @property
@@ -96,39 +105,65 @@ class DeliveryWorker:
             self._wake.clear()
             self._collect()
             self._acknowledge()
-            free = self.sink.max_in_flight - len(self._in_flight)
-            if free > 0:
-                for row in self._take_handed(free):
-                    self._start(row)
-                free = self.sink.max_in_flight - len(self._in_flight)
+            free = self._fill()
             now = time.monotonic()
             if free > 0 and (not self._handed or now - self._last_claim >= CLAIM_EVERY):
                 # Retries, the rows promoted behind delivered ones, anything from before this start.
                 self._last_claim = now
-                for row in await self.store.claim_heads(self.sink.name, self.clock(), self._busy(), free):
-                    if (row.source, row.batch_id) in self._busy():
+                busy = self._busy()
+                limit = free + READ_AHEAD * self.sink.max_in_flight
+                rows = await self.store.claim_heads(self.sink.name, self.clock(), busy, limit)
+                busy = self._busy()  # sends may have finished meanwhile, none started
+                for row in rows:
+                    key = (row.source, row.batch_id)
+                    if key in busy:
                         continue
+                    busy.add(key)
                     self._handed.pop(row.event_id, None)
                     self._remember(row.event_id)
-                    self._start(row)
+                    if free > 0:
+                        self._start(row)
+                        free -= 1
+                    else:
+                        self._ahead[key] = (row, now)
             await self._sleep()
 
     def _busy(self) -> set[tuple[str, str]]:
-        return set(self._in_flight) | set(self._acking)
+        """Batches with a row out (sent, or acknowledged and not yet recorded) or read ahead."""
+        return set(self._in_flight) | set(self._acking) | set(self._ahead)
+
+    def _fill(self) -> int:
+        """Start sends from the rows read ahead, then from those handed over; returns the slots left free."""
+        free = self.sink.max_in_flight - len(self._in_flight)
+        if free > 0 and self._ahead:
+            stale = time.monotonic() - AHEAD_TTL
+            for key, (row, read_at) in list(self._ahead.items()):
+                if free <= 0:
+                    break
+                del self._ahead[key]
+                if read_at >= stale:  # else read again, as the head it still is (or no longer is)
+                    self._start(row)
+                    free -= 1
+        if free > 0 and self._handed:
+            for row in self._take_handed(free):
+                self._start(row)
+                free -= 1
+        return free
 
     def _take_handed(self, free: int) -> list[OutboxRow]:
         busy = self._busy()
         taken: list[OutboxRow] = []
-        for event_id, row in list(self._handed.items()):
+        for row in self._handed.values():  # no copy of the dict: it may hold a whole burst
             if len(taken) >= free:
                 break
             key = (row.source, row.batch_id)
             if key in busy:  # another row of the batch is out: this one waits for the outbox read
                 continue
-            del self._handed[event_id]
             busy.add(key)
-            self._remember(event_id)
             taken.append(row)
+        for row in taken:
+            del self._handed[row.event_id]
+            self._remember(row.event_id)
         return taken
 
     def _remember(self, event_id: str) -> None:
