@@ -14,6 +14,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -45,6 +46,14 @@ READ_AHEAD = 4
 AHEAD_TTL = 5.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Acked:
+    """A send the sink acknowledged: when its event was detected and when the acknowledgement came."""
+
+    detected_at: float
+    at: float
+
+
 class DeliveryWorker:
     """Drains one sink's outbox rows. `run` loops until `stop`; `wake` says new rows arrived."""
 
@@ -64,9 +73,9 @@ class DeliveryWorker:
         self.rand = rand
         self._wake = asyncio.Event()
         self._stopping = False
-        self._in_flight: dict[tuple[str, str], tuple[OutboxRow, asyncio.Task[float | None]]] = {}
+        self._in_flight: dict[tuple[str, str], tuple[OutboxRow, asyncio.Task[_Acked | None]]] = {}
         # Sent and acknowledged, not yet marked delivered: still busy, so their batch's next row waits.
-        self._acking: dict[tuple[str, str], tuple[OutboxRow, float]] = {}
+        self._acking: dict[tuple[str, str], tuple[OutboxRow, _Acked]] = {}
         self._ack_task: asyncio.Task[None] | None = None
         # Heads handed over by the recorder (`offer`), sent without reading the outbox back.
         self._handed: dict[str, OutboxRow] = {}
@@ -77,6 +86,7 @@ class DeliveryWorker:
         self._taken_ids: set[str] = set()
         self._last_claim = -math.inf
         self.disabled = False
+        self._running = False
         self._failing = False
         self.delivered = 0
         self.last_error: str | None = None
@@ -86,7 +96,24 @@ class DeliveryWorker:
 
     def offer(self, row: OutboxRow) -> None:
         """A row the store just made its batch's head (due now); sent from memory, no outbox read."""
-        if row.event_id not in self._taken_ids and len(self._handed) < HANDED_LIMIT:
+        if row.event_id in self._taken_ids:
+            return
+        key = (row.source, row.batch_id)
+        if (
+            self._running
+            and not self._stopping
+            and not self.disabled
+            and not self._handed  # earlier hand-overs go first
+            and len(self._in_flight) < self.sink.max_in_flight
+            and key not in self._in_flight
+            and key not in self._acking
+            and key not in self._ahead
+        ):
+            # A free slot: send now rather than on the worker's next turn of the loop (latency under load).
+            self._remember(row.event_id)
+            self._start(row)
+            return
+        if len(self._handed) < HANDED_LIMIT:
             self._handed[row.event_id] = row
         self._wake.set()
 
@@ -101,6 +128,13 @@ class DeliveryWorker:
         return len(self._in_flight)
 
     async def run(self) -> None:
+        self._running = True
+        try:
+            await self._loop()
+        finally:
+            self._running = False
+
+    async def _loop(self) -> None:
         while not self._stopping and not self.disabled:
             self._wake.clear()
             self._collect()
@@ -186,8 +220,8 @@ class DeliveryWorker:
             error = None if task.cancelled() else task.exception()
             if error is not None:  # _deliver catches everything; this is a bug, and the row stays queued
                 log.error("delivery task failed", sink=self.sink.name, event_id=row.event_id, exc_info=error)
-            elif not task.cancelled() and (detected_at := task.result()) is not None:
-                self._acking[key] = (row, detected_at)
+            elif not task.cancelled() and (acked := task.result()) is not None:
+                self._acking[key] = (row, acked)
 
     def _acknowledge(self) -> None:
         """Mark every acknowledged row delivered, in one transaction, while the next sends go out."""
@@ -195,19 +229,20 @@ class DeliveryWorker:
             batch = dict(self._acking)
             self._ack_task = asyncio.create_task(self._mark(batch), name=f"poller.delivery[{self.sink.name}].ack")
 
-    async def _mark(self, batch: dict[tuple[str, str], tuple[OutboxRow, float]]) -> None:
+    async def _mark(self, batch: dict[tuple[str, str], tuple[OutboxRow, _Acked]]) -> None:
+        # Recorded as delivered at the latest acknowledgement among them (the sink's, not this write's time).
+        acked_at = max(acked.at for _, acked in batch.values())
         try:
-            await self.store.mark_delivered(self.sink.name, [row.event_id for row, _ in batch.values()], self.clock())
+            await self.store.mark_delivered(self.sink.name, [row.event_id for row, _ in batch.values()], acked_at)
         except Exception:  # the rows stay queued (sent again later: at least once); keep delivering
             log.exception("recording deliveries failed", sink=self.sink.name, rows=len(batch))
             await asyncio.sleep(1.0)
         else:
-            now = self.clock()
             self.delivered += len(batch)
             self.metrics.deliveries.labels(self.sink.name, "delivered").inc(len(batch))
             latency = self.metrics.delivery_latency.labels(self.sink.name)
-            for _, detected_at in batch.values():
-                latency.observe(max(now - detected_at, 0.0))
+            for _, acked in batch.values():
+                latency.observe(max(acked.at - acked.detected_at, 0.0))
         finally:
             for key in batch:
                 self._acking.pop(key, None)
@@ -234,8 +269,8 @@ class DeliveryWorker:
                 timeout = min(max(due - self.clock(), 0.0), IDLE_CHECK)
         await wait_event(self._wake, timeout)
 
-    async def _deliver(self, row: OutboxRow) -> float | None:
-        """Send one row; returns its detection time once acknowledged, None when the failure was recorded."""
+    async def _deliver(self, row: OutboxRow) -> _Acked | None:
+        """Send one row; returns when it was detected and acknowledged, None when the failure was recorded."""
         name = self.sink.name
         try:
             event = decode(row.payload)
@@ -255,11 +290,12 @@ class DeliveryWorker:
             log.exception("sink raised unexpectedly", sink=name, batch_id=row.batch_id, event_id=row.event_id)
             await self._record_failure(row, DeliveryError(name, repr(exc), retryable=True))
             return None
+        acked = _Acked(event.data.detected_at, self.clock())
         if self._failing:
             self._failing = False
             self.metrics.sink_up.labels(name).set(1)
             log.info("sink recovered", sink=name)
-        return event.data.detected_at
+        return acked
 
     async def _record_failure(self, row: OutboxRow, exc: DeliveryError) -> None:
         name, now = self.sink.name, self.clock()
