@@ -44,6 +44,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,32 @@ def _payloads(db: Path, out: Path) -> None:
     out.write_text("\n".join(r[0] for r in rows) + "\n")
 
 
+def _run_daemon(run_dir: Path, config: Path, done: Callable[[], bool], timeout: float) -> float:
+    """Run `batch-poller run --config config` until `done()` (asked every 0.5 s) or `timeout`; stop it.
+
+    Returns the wall time just before it was spawned. Its log is `run_dir/daemon.log`; the webhook
+    sinks' secret is a fresh one in SECRET_ENV.
+    """
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    log = (run_dir / "daemon.log").open("ab")
+    spawned = time.time()
+    proc = subprocess.Popen(
+        daemon_command(config), cwd=ROOT, env=child_env({SECRET_ENV: secret}), stdout=log, stderr=log
+    )
+    log.close()
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started <= timeout:
+            time.sleep(0.5)
+            if proc.poll() is not None:
+                raise RuntimeError(f"batch-poller exited with {proc.returncode}:\n{log_tail(run_dir / 'daemon.log')}")
+            if done():
+                break
+    finally:
+        stop_process(proc)
+    return spawned
+
+
 def _poller_burst(
     tmp: Path, sim_url: str, ids: list[str], sink: dict[str, Any], rep: int, timeout: float = TIMEOUT
 ) -> dict[str, Any]:
@@ -149,24 +176,12 @@ def _poller_burst(
         max_interval=hour,
     )
     config = write_toml(run_dir / "config.toml", raw)
-    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-    log = (run_dir / "daemon.log").open("ab")
-    proc = subprocess.Popen(
-        daemon_command(config), cwd=ROOT, env=child_env({SECRET_ENV: secret}), stdout=log, stderr=log
-    )
-    log.close()
-    spawned = time.time()
-    started = time.monotonic()
-    try:
-        while True:
-            time.sleep(0.5)
-            if proc.poll() is not None:
-                raise RuntimeError(f"batch-poller exited with {proc.returncode}:\n{log_tail(run_dir / 'daemon.log')}")
-            seen, waiting = _progress(state, name) if state.exists() else (0, 1)
-            if (seen >= len(ids) and not waiting) or time.monotonic() - started > timeout:
-                break
-    finally:
-        stop_process(proc)
+
+    def done() -> bool:
+        seen, waiting = _progress(state, name) if state.exists() else (0, 1)
+        return seen >= len(ids) and not waiting
+
+    spawned = _run_daemon(run_dir, config, done, timeout)
     pairs = _delivered(state, name)
     if not pairs:
         raise RuntimeError(f"nothing was delivered to {name} within {timeout:g}s:\n{log_tail(run_dir / 'daemon.log')}")
@@ -213,22 +228,7 @@ def _poller_drain(tmp: Path, events: int, sink: dict[str, Any], rep: int) -> dic
     )
     pending = prepare_state(state, raw, events, sink=name)
     config = write_toml(run_dir / "config.toml", raw)
-    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-    log = (run_dir / "daemon.log").open("ab")
-    proc = subprocess.Popen(
-        daemon_command(config), cwd=ROOT, env=child_env({SECRET_ENV: secret}), stdout=log, stderr=log
-    )
-    log.close()
-    started = time.monotonic()
-    try:
-        while True:
-            time.sleep(0.5)
-            if proc.poll() is not None:
-                raise RuntimeError(f"batch-poller exited with {proc.returncode}:\n{log_tail(run_dir / 'daemon.log')}")
-            if not _progress(state, name)[1] or time.monotonic() - started > TIMEOUT:
-                break
-    finally:
-        stop_process(proc)
+    _run_daemon(run_dir, config, lambda: not _progress(state, name)[1], TIMEOUT)
     acks = sorted(a for _, a in _delivered(state, name))
     if len(acks) < 2:
         raise RuntimeError(f"{name}: {len(acks)} of {pending:,} rows delivered:\n{log_tail(run_dir / 'daemon.log')}")
@@ -243,14 +243,14 @@ def _poller_drain(tmp: Path, events: int, sink: dict[str, Any], rep: int) -> dic
     }
 
 
-def _steady_rows(db: Path, sink: str) -> list[tuple[str, float, float]]:
-    """(batch id, detected_at, acknowledged_at) of every delivered `batch.in_progress` row of `sink`."""
+def _steady_rows(db: Path, sink: str, event_type: str = "batch.in_progress") -> list[tuple[str, float, float]]:
+    """(batch id, detected_at, acknowledged_at) of every delivered `event_type` row of `sink`."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
         rows = conn.execute(
             "SELECT e.batch_id, e.detected_at, o.updated_at FROM outbox o JOIN events e ON e.id = o.event_id"
-            " WHERE o.sink = ? AND o.state = 'delivered' AND e.type = 'batch.in_progress'",
-            (sink,),
+            " WHERE o.sink = ? AND o.state = 'delivered' AND e.type = ?",
+            (sink, event_type),
         ).fetchall()
     finally:
         conn.close()
@@ -279,32 +279,19 @@ def steady(tmp: Path, sink: dict[str, Any], rate: int, lead: float, span: float)
         pre_track_sync(state, sim.ids)
         raw = poller_config(sim.url, state, [sink], latency=STEADY_LATENCY)
         config = write_toml(run_dir / "config.toml", raw)
-        secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-        log = (run_dir / "daemon.log").open("ab")
-        proc = subprocess.Popen(
-            daemon_command(config), cwd=ROOT, env=child_env({SECRET_ENV: secret}), stdout=log, stderr=log
-        )
-        log.close()
         end = max(changes.values()) + 5.0
-        try:
-            while time.time() < end + TIMEOUT:
-                time.sleep(0.5)
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"batch-poller exited with {proc.returncode}:\n{log_tail(run_dir / 'daemon.log')}"
-                    )
-                if time.time() >= end and state.exists() and len(_steady_rows(state, name)) >= batches:
-                    break
-        finally:
-            stop_process(proc)
+
+        def done() -> bool:
+            return time.time() >= end and state.exists() and len(_steady_rows(state, name)) >= batches
+
+        _run_daemon(run_dir, config, done, end - time.time() + TIMEOUT)
     rows = _steady_rows(state, name)
     if not rows:
         raise RuntimeError(f"no transition was delivered to {name}:\n{log_tail(run_dir / 'daemon.log')}")
     to_ack = [a - d for _, d, a in rows]
     from_change = [a - changes[b] for b, _, a in rows]
     detect = [d - changes[b] for b, d, _ in rows]
-    first_change = min(changes.values())
-    acked_before = [a for _, _, a in rows if a < first_change]
+    seen = _steady_rows(state, name, "batch.validating")  # first sight, before the measured window
     return {
         "events": len(rows),
         "batches": batches,
@@ -315,7 +302,8 @@ def steady(tmp: Path, sink: dict[str, Any], rate: int, lead: float, span: float)
         "change_p99": percentile(from_change, 99),
         "detect_p50": percentile(detect, 50),
         "detect_p99": percentile(detect, 99),
-        "early": len(acked_before),
+        #: Seconds from the last first-sight acknowledgement to the first change (> 0: the window is clean).
+        "settled": min(changes.values()) - max(a for _, _, a in seen) if len(seen) == batches else math.nan,
     }
 
 
@@ -445,7 +433,8 @@ def run(ctx: dict[str, Any]) -> Section:
             f"simulator's change to acknowledgement {st['change_p50'] * 1000:,.0f} / "
             f"{st['change_p99'] * 1000:,.0f} ms, of which the walk reaching the change "
             f"{st['detect_p50'] * 1000:,.0f} / {st['detect_p99'] * 1000:,.0f} ms (`[poll] latency = "
-            f'"{STEADY_LATENCY}"`).'
+            f'"{STEADY_LATENCY}"`); every first-sight event was acknowledged {st["settled"]:.1f} s before the '
+            "first change."
         )
     section.notes.append(
         "What limits the steady figure: a walk's pages are parsed on the event loop the sends share, and a "

@@ -86,7 +86,6 @@ class DeliveryWorker:
         self._taken_ids: set[str] = set()
         self._last_claim = -math.inf
         self.disabled = False
-        self._running = False
         self._failing = False
         self.delivered = 0
         self.last_error: str | None = None
@@ -96,24 +95,7 @@ class DeliveryWorker:
 
     def offer(self, row: OutboxRow) -> None:
         """A row the store just made its batch's head (due now); sent from memory, no outbox read."""
-        if row.event_id in self._taken_ids:
-            return
-        key = (row.source, row.batch_id)
-        if (
-            self._running
-            and not self._stopping
-            and not self.disabled
-            and not self._handed  # earlier hand-overs go first
-            and len(self._in_flight) < self.sink.max_in_flight
-            and key not in self._in_flight
-            and key not in self._acking
-            and key not in self._ahead
-        ):
-            # A free slot: send now rather than on the worker's next turn of the loop (latency under load).
-            self._remember(row.event_id)
-            self._start(row)
-            return
-        if len(self._handed) < HANDED_LIMIT:
+        if row.event_id not in self._taken_ids and len(self._handed) < HANDED_LIMIT:
             self._handed[row.event_id] = row
         self._wake.set()
 
@@ -128,13 +110,6 @@ class DeliveryWorker:
         return len(self._in_flight)
 
     async def run(self) -> None:
-        self._running = True
-        try:
-            await self._loop()
-        finally:
-            self._running = False
-
-    async def _loop(self) -> None:
         while not self._stopping and not self.disabled:
             self._wake.clear()
             self._collect()
