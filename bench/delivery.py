@@ -440,9 +440,8 @@ def run(ctx: dict[str, Any]) -> Section:
         "What limits the steady figure: a walk's pages are parsed on the event loop the sends share, and a "
         "send takes several turns of that loop (the worker's task starts, the publish is written, the "
         "acknowledgement is read, the waiting coroutines resume); each turn may wait behind a page's parsing "
-        "and its detection. New heads are sent as they are handed over when a slot is free (no turn of the "
-        "worker's own loop first), and the acknowledgement time is the sink's, not that of the write that "
-        "records it."
+        "and its detection. The acknowledgement time is the sink's (when `send` returned), not that of the "
+        "write that records it, which may queue behind the recorder's page transactions on the store's thread."
     )
     section.rows.append(
         Row(
