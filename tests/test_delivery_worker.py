@@ -145,3 +145,25 @@ async def test_rows_read_ahead_are_dropped_when_another_process_changed_the_outb
 
 async def _received(sink: MemorySink, count: int) -> bool:
     return len(sink.received) >= count
+
+
+async def test_an_acknowledged_row_is_recorded_while_another_batch_stays_in_flight(store: Store) -> None:
+    events = await enqueue(store, {"batch_a": 1, "batch_b": 2})
+    sink = MemorySink(max_in_flight=4)
+    sink.held = {"batch_a"}  # its send never returns until the end: acknowledgements must not wait for it
+    worker = DeliveryWorker(store, sink, Metrics())
+    task = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: _delivered(store, {ev.id for ev in events["batch_b"]}))
+        assert sink.received[0] == ("batch_a", 1)
+        sink.gate.set()
+        await until(lambda: _none_pending(store))
+    finally:
+        await worker.stop(1.0)
+        await asyncio.gather(task, return_exceptions=True)
+    assert [s for b, s in sink.received if b == "batch_b"] == [1, 2]
+
+
+async def _delivered(store: Store, ids: set[str]) -> bool:
+    rows = await store.deliveries(SINK, states=("delivered",))
+    return ids <= {row.event_id for row in rows}

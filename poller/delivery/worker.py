@@ -41,6 +41,10 @@ TAKEN_MEMORY = 50_000
 #: An outbox read asks for this many due heads per send slot beyond the free ones: they wait in memory
 #: (`_ahead`), so a backlog refills each slot without a store round trip per event.
 READ_AHEAD = 4
+#: Acknowledged rows are recorded together: once half the slots' worth waits, nothing else is in flight, or
+#: the oldest has waited this long (seconds). Fewer, larger transactions on the store's thread, whose
+#: share of the interpreter otherwise slows every socket call of the sends.
+ACK_GATHER = 0.005
 #: A head read ahead and not sent within this long is read again (a shared store's claim on it lasts far
 #: longer, so another replica never takes it meanwhile).
 AHEAD_TTL = 5.0
@@ -77,6 +81,7 @@ class DeliveryWorker:
         # Sent and acknowledged, not yet marked delivered: still busy, so their batch's next row waits.
         self._acking: dict[tuple[str, str], tuple[OutboxRow, _Acked]] = {}
         self._ack_task: asyncio.Task[None] | None = None
+        self._acking_since: float | None = None  # monotonic time the oldest unrecorded acknowledgement came
         # Heads handed over by the recorder (`offer`), sent without reading the outbox back.
         self._handed: dict[str, OutboxRow] = {}
         # Due heads read from the outbox beyond the free slots, oldest first, with when they were read.
@@ -197,12 +202,21 @@ class DeliveryWorker:
                 log.error("delivery task failed", sink=self.sink.name, event_id=row.event_id, exc_info=error)
             elif not task.cancelled() and (acked := task.result()) is not None:
                 self._acking[key] = (row, acked)
+                if self._acking_since is None:
+                    self._acking_since = time.monotonic()
 
-    def _acknowledge(self) -> None:
+    def _acknowledge(self, *, now: bool = False) -> None:
         """Mark every acknowledged row delivered, in one transaction, while the next sends go out."""
-        if self._ack_task is None and self._acking:
+        if self._ack_task is None and self._acking and (now or self._ack_wait() <= 0):
+            self._acking_since = None
             batch = dict(self._acking)
             self._ack_task = asyncio.create_task(self._mark(batch), name=f"poller.delivery[{self.sink.name}].ack")
+
+    def _ack_wait(self) -> float:
+        """Seconds until the acknowledged rows should be recorded (0: now)."""
+        if self._acking_since is None or not self._in_flight or len(self._acking) * 2 >= self.sink.max_in_flight:
+            return 0.0
+        return ACK_GATHER - (time.monotonic() - self._acking_since)
 
     async def _mark(self, batch: dict[tuple[str, str], tuple[OutboxRow, _Acked]]) -> None:
         # Recorded as delivered at the latest acknowledgement among them (the sink's, not this write's time).
@@ -229,19 +243,21 @@ class DeliveryWorker:
         self._collect()
         while self._ack_task is not None or self._acking:
             if self._ack_task is None:
-                self._acknowledge()
+                self._acknowledge(now=True)
             if self._ack_task is not None:
                 await asyncio.wait((self._ack_task,))
 
     async def _sleep(self) -> None:
         """Until new rows, a finished send, or the next retry comes due (at most IDLE_CHECK)."""
         timeout = IDLE_CHECK
+        if self._acking and self._ack_task is None:
+            timeout = max(self._ack_wait(), 0.0)
         if self._handed:
-            timeout = CLAIM_EVERY
+            timeout = min(timeout, CLAIM_EVERY)
         elif len(self._in_flight) < self.sink.max_in_flight and not self._wake.is_set():
             due = await self.store.next_ready_at(self.sink.name, self._busy())
             if due is not None:
-                timeout = min(max(due - self.clock(), 0.0), IDLE_CHECK)
+                timeout = min(timeout, max(due - self.clock(), 0.0))
         await wait_event(self._wake, timeout)
 
     async def _deliver(self, row: OutboxRow) -> _Acked | None:
