@@ -200,10 +200,13 @@ def ready_child(module: str, args: Sequence[str], log_path: Path) -> Iterator[tu
 
 
 @contextlib.contextmanager
-def sim_process(batches: int, tmp: Path, *, seed: int = 1, phase: str = "in_progress") -> Iterator[SimProcess]:
-    """Start `python -m bench.simproc` with `batches` batches steady in `phase`; stopped on exit."""
+def sim_process(
+    batches: int, tmp: Path, *, seed: int = 1, phase: str = "in_progress", extra: Sequence[str] = ()
+) -> Iterator[SimProcess]:
+    """Start `python -m bench.simproc` with `batches` batches steady in `phase` (`extra`: more of its
+    arguments); stopped on exit."""
     ids_file = tmp / f"sim-ids-{batches}.json"
-    args = ["--batches", str(batches), "--seed", str(seed), "--ids-out", str(ids_file), "--phase", phase]
+    args = ["--batches", str(batches), "--seed", str(seed), "--ids-out", str(ids_file), "--phase", phase, *extra]
     with ready_child("bench.simproc", args, tmp / "simulator.log") as (proc, url):
         yield SimProcess(proc, url, json.loads(ids_file.read_text()))
 

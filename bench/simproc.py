@@ -5,6 +5,9 @@
 port and prints ``READY <base url>`` once it accepts connections. With `--phase validating` the batches
 stay validating for hours instead: first sight of one is a single event (`batch.validating`), where an
 in-progress one is two (`batch.validating`, reconstructed from `created_at`, then `batch.in_progress`).
+With `--phase transitions --lead L --span S` they are created validating when the simulator starts and each
+starts running at a uniformly random moment between L and L + S seconds later (a steady stream of
+N / S transitions a second); `--changes-out FILE` writes when each batch's change happens (epoch seconds).
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ def steady_sim(batches: int, seed: int = 1, phase: str = "in_progress") -> tuple
     return sim, ids
 
 
+def transitions_sim(batches: int, lead: float, span: float, seed: int = 1) -> tuple[OpenAISim, list[str]]:
+    """`batches` batches created validating now, each starting to run between `lead` and `lead + span` s from now."""
+    sim = OpenAISim(clock=SimClock(speed=1.0), profile=replace(STEADY, validating_s=(lead, lead + span)), seed=seed)
+    ids = sim.create_batches(batches, created_at=sim.now())
+    return sim, ids
+
+
 async def _serve(sim: OpenAISim) -> None:
     async with serve(sim) as url:
         sys.stdout.write(f"READY {url}\n")
@@ -60,10 +70,18 @@ def main() -> None:
     parser.add_argument("--batches", type=int, required=True)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ids-out", type=Path, required=True)
-    parser.add_argument("--phase", choices=sorted(PROFILES), default="in_progress")
+    parser.add_argument("--phase", choices=[*sorted(PROFILES), "transitions"], default="in_progress")
+    parser.add_argument("--lead", type=float, default=20.0)
+    parser.add_argument("--span", type=float, default=20.0)
+    parser.add_argument("--changes-out", type=Path)
     args = parser.parse_args()
-    sim, ids = steady_sim(args.batches, args.seed, args.phase)
+    if args.phase == "transitions":
+        sim, ids = transitions_sim(args.batches, args.lead, args.span, args.seed)
+    else:
+        sim, ids = steady_sim(args.batches, args.seed, args.phase)
     args.ids_out.write_text(json.dumps(ids))
+    if args.changes_out is not None:
+        args.changes_out.write_text(json.dumps({i: sim.record(i).t_in_progress for i in ids}))
     loop = asyncio.new_event_loop()
     task = loop.create_task(_serve(sim))
     loop.add_signal_handler(signal.SIGTERM, task.cancel)

@@ -14,6 +14,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -37,6 +38,24 @@ CLAIM_EVERY = 0.25
 HANDED_LIMIT = 100_000
 #: How many event ids taken from the outbox are remembered against a late hand-over.
 TAKEN_MEMORY = 50_000
+#: An outbox read asks for this many due heads per send slot beyond the free ones: they wait in memory
+#: (`_ahead`), so a backlog refills each slot without a store round trip per event.
+READ_AHEAD = 4
+#: Acknowledged rows are recorded together: once half the slots' worth waits, nothing else is in flight, or
+#: the oldest has waited this long (seconds). Fewer, larger transactions on the store's thread, whose
+#: share of the interpreter otherwise slows every socket call of the sends.
+ACK_GATHER = 0.005
+#: A head read ahead and not sent within this long is read again (a shared store's claim on it lasts far
+#: longer, so another replica never takes it meanwhile).
+AHEAD_TTL = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Acked:
+    """A send the sink acknowledged: when its event was detected and when the acknowledgement came."""
+
+    detected_at: float
+    at: float
 
 
 class DeliveryWorker:
@@ -58,12 +77,15 @@ class DeliveryWorker:
         self.rand = rand
         self._wake = asyncio.Event()
         self._stopping = False
-        self._in_flight: dict[tuple[str, str], tuple[OutboxRow, asyncio.Task[float | None]]] = {}
+        self._in_flight: dict[tuple[str, str], tuple[OutboxRow, asyncio.Task[_Acked | None]]] = {}
         # Sent and acknowledged, not yet marked delivered: still busy, so their batch's next row waits.
-        self._acking: dict[tuple[str, str], tuple[OutboxRow, float]] = {}
+        self._acking: dict[tuple[str, str], tuple[OutboxRow, _Acked]] = {}
         self._ack_task: asyncio.Task[None] | None = None
+        self._acking_since: float | None = None  # monotonic time the oldest unrecorded acknowledgement came
         # Heads handed over by the recorder (`offer`), sent without reading the outbox back.
         self._handed: dict[str, OutboxRow] = {}
+        # Due heads read from the outbox beyond the free slots, oldest first, with when they were read.
+        self._ahead: dict[tuple[str, str], tuple[OutboxRow, float]] = {}
         # Event ids recently taken from the outbox, so a late hand-over of the same row is not sent twice.
         self._taken: deque[str] = deque(maxlen=TAKEN_MEMORY)
         self._taken_ids: set[str] = set()
@@ -85,6 +107,7 @@ class DeliveryWorker:
     def forget_offers(self) -> None:
         """Another process changed the outbox (e.g. `redeliver`): read heads from the store again."""
         self._handed.clear()
+        self._ahead.clear()
         self._wake.set()
 
     @property
@@ -96,39 +119,65 @@ class DeliveryWorker:
             self._wake.clear()
             self._collect()
             self._acknowledge()
-            free = self.sink.max_in_flight - len(self._in_flight)
-            if free > 0:
-                for row in self._take_handed(free):
-                    self._start(row)
-                free = self.sink.max_in_flight - len(self._in_flight)
+            free = self._fill()
             now = time.monotonic()
             if free > 0 and (not self._handed or now - self._last_claim >= CLAIM_EVERY):
                 # Retries, the rows promoted behind delivered ones, anything from before this start.
                 self._last_claim = now
-                for row in await self.store.claim_heads(self.sink.name, self.clock(), self._busy(), free):
-                    if (row.source, row.batch_id) in self._busy():
+                busy = self._busy()
+                limit = free + READ_AHEAD * self.sink.max_in_flight
+                rows = await self.store.claim_heads(self.sink.name, self.clock(), busy, limit)
+                busy = self._busy()  # sends may have finished meanwhile, none started
+                for row in rows:
+                    key = (row.source, row.batch_id)
+                    if key in busy:
                         continue
+                    busy.add(key)
                     self._handed.pop(row.event_id, None)
                     self._remember(row.event_id)
-                    self._start(row)
+                    if free > 0:
+                        self._start(row)
+                        free -= 1
+                    else:
+                        self._ahead[key] = (row, now)
             await self._sleep()
 
     def _busy(self) -> set[tuple[str, str]]:
-        return set(self._in_flight) | set(self._acking)
+        """Batches with a row out (sent, or acknowledged and not yet recorded) or read ahead."""
+        return set(self._in_flight) | set(self._acking) | set(self._ahead)
+
+    def _fill(self) -> int:
+        """Start sends from the rows read ahead, then from those handed over; returns the slots left free."""
+        free = self.sink.max_in_flight - len(self._in_flight)
+        if free > 0 and self._ahead:
+            stale = time.monotonic() - AHEAD_TTL
+            for key, (row, read_at) in list(self._ahead.items()):
+                if free <= 0:
+                    break
+                del self._ahead[key]
+                if read_at >= stale:  # else read again, as the head it still is (or no longer is)
+                    self._start(row)
+                    free -= 1
+        if free > 0 and self._handed:
+            for row in self._take_handed(free):
+                self._start(row)
+                free -= 1
+        return free
 
     def _take_handed(self, free: int) -> list[OutboxRow]:
         busy = self._busy()
         taken: list[OutboxRow] = []
-        for event_id, row in list(self._handed.items()):
+        for row in self._handed.values():  # no copy of the dict: it may hold a whole burst
             if len(taken) >= free:
                 break
             key = (row.source, row.batch_id)
             if key in busy:  # another row of the batch is out: this one waits for the outbox read
                 continue
-            del self._handed[event_id]
             busy.add(key)
-            self._remember(event_id)
             taken.append(row)
+        for row in taken:
+            del self._handed[row.event_id]
+            self._remember(row.event_id)
         return taken
 
     def _remember(self, event_id: str) -> None:
@@ -151,28 +200,38 @@ class DeliveryWorker:
             error = None if task.cancelled() else task.exception()
             if error is not None:  # _deliver catches everything; this is a bug, and the row stays queued
                 log.error("delivery task failed", sink=self.sink.name, event_id=row.event_id, exc_info=error)
-            elif not task.cancelled() and (detected_at := task.result()) is not None:
-                self._acking[key] = (row, detected_at)
+            elif not task.cancelled() and (acked := task.result()) is not None:
+                self._acking[key] = (row, acked)
+                if self._acking_since is None:
+                    self._acking_since = time.monotonic()
 
-    def _acknowledge(self) -> None:
+    def _acknowledge(self, *, now: bool = False) -> None:
         """Mark every acknowledged row delivered, in one transaction, while the next sends go out."""
-        if self._ack_task is None and self._acking:
+        if self._ack_task is None and self._acking and (now or self._ack_wait() <= 0):
+            self._acking_since = None
             batch = dict(self._acking)
             self._ack_task = asyncio.create_task(self._mark(batch), name=f"poller.delivery[{self.sink.name}].ack")
 
-    async def _mark(self, batch: dict[tuple[str, str], tuple[OutboxRow, float]]) -> None:
+    def _ack_wait(self) -> float:
+        """Seconds until the acknowledged rows should be recorded (0: now)."""
+        if self._acking_since is None or not self._in_flight or len(self._acking) * 2 >= self.sink.max_in_flight:
+            return 0.0
+        return ACK_GATHER - (time.monotonic() - self._acking_since)
+
+    async def _mark(self, batch: dict[tuple[str, str], tuple[OutboxRow, _Acked]]) -> None:
+        # Recorded as delivered at the latest acknowledgement among them (the sink's, not this write's time).
+        acked_at = max(acked.at for _, acked in batch.values())
         try:
-            await self.store.mark_delivered(self.sink.name, [row.event_id for row, _ in batch.values()], self.clock())
+            await self.store.mark_delivered(self.sink.name, [row.event_id for row, _ in batch.values()], acked_at)
         except Exception:  # the rows stay queued (sent again later: at least once); keep delivering
             log.exception("recording deliveries failed", sink=self.sink.name, rows=len(batch))
             await asyncio.sleep(1.0)
         else:
-            now = self.clock()
             self.delivered += len(batch)
             self.metrics.deliveries.labels(self.sink.name, "delivered").inc(len(batch))
             latency = self.metrics.delivery_latency.labels(self.sink.name)
-            for _, detected_at in batch.values():
-                latency.observe(max(now - detected_at, 0.0))
+            for _, acked in batch.values():
+                latency.observe(max(acked.at - acked.detected_at, 0.0))
         finally:
             for key in batch:
                 self._acking.pop(key, None)
@@ -184,23 +243,25 @@ class DeliveryWorker:
         self._collect()
         while self._ack_task is not None or self._acking:
             if self._ack_task is None:
-                self._acknowledge()
+                self._acknowledge(now=True)
             if self._ack_task is not None:
                 await asyncio.wait((self._ack_task,))
 
     async def _sleep(self) -> None:
         """Until new rows, a finished send, or the next retry comes due (at most IDLE_CHECK)."""
         timeout = IDLE_CHECK
+        if self._acking and self._ack_task is None:
+            timeout = max(self._ack_wait(), 0.0)
         if self._handed:
-            timeout = CLAIM_EVERY
+            timeout = min(timeout, CLAIM_EVERY)
         elif len(self._in_flight) < self.sink.max_in_flight and not self._wake.is_set():
             due = await self.store.next_ready_at(self.sink.name, self._busy())
             if due is not None:
-                timeout = min(max(due - self.clock(), 0.0), IDLE_CHECK)
+                timeout = min(timeout, max(due - self.clock(), 0.0))
         await wait_event(self._wake, timeout)
 
-    async def _deliver(self, row: OutboxRow) -> float | None:
-        """Send one row; returns its detection time once acknowledged, None when the failure was recorded."""
+    async def _deliver(self, row: OutboxRow) -> _Acked | None:
+        """Send one row; returns when it was detected and acknowledged, None when the failure was recorded."""
         name = self.sink.name
         try:
             event = decode(row.payload)
@@ -220,11 +281,12 @@ class DeliveryWorker:
             log.exception("sink raised unexpectedly", sink=name, batch_id=row.batch_id, event_id=row.event_id)
             await self._record_failure(row, DeliveryError(name, repr(exc), retryable=True))
             return None
+        acked = _Acked(event.data.detected_at, self.clock())
         if self._failing:
             self._failing = False
             self.metrics.sink_up.labels(name).set(1)
             log.info("sink recovered", sink=name)
-        return event.data.detected_at
+        return acked
 
     async def _record_failure(self, row: OutboxRow, exc: DeliveryError) -> None:
         name, now = self.sink.name, self.clock()

@@ -90,15 +90,24 @@ async def _promote(conn: Conn, sink: str, source: str, batch_id: str) -> None:
 
 
 async def finish(conn: Conn, sink: str, event_ids: Sequence[str], *, state: str, error: str | None, now: float) -> None:
-    """Close rows (delivered or dead) and promote each affected batch's next row."""
+    """Close rows (delivered or dead) and promote each affected batch's next row, in two statements."""
     cur = await conn.execute(
         "UPDATE outbox SET state = %s, attempts = attempts + 1, updated_at = %s, last_error = %s,"
         " ready_at = NULL, claimed_by = NULL, claimed_until = NULL WHERE sink = %s AND event_id = ANY(%s)"
         " RETURNING source, batch_id",
         (state, now, error, sink, list(event_ids)),
     )
-    for source, batch_id in sorted({(r["source"], r["batch_id"]) for r in await cur.fetchall()}):
-        await _promote(conn, sink, source, batch_id)
+    queues = sorted({(r["source"], r["batch_id"]) for r in await cur.fetchall()})
+    if queues:  # one statement for every affected batch, not a round trip each
+        await conn.execute(
+            "UPDATE outbox o SET ready_at = o.next_attempt_at, claimed_by = NULL, claimed_until = NULL FROM"
+            " (SELECT DISTINCT ON (p.source, p.batch_id) p.event_id FROM outbox p"
+            " JOIN unnest(%s::text[], %s::text[]) AS q (source, batch_id)"
+            " ON p.source = q.source AND p.batch_id = q.batch_id WHERE p.sink = %s AND p.state = 'pending'"
+            " ORDER BY p.source, p.batch_id, p.sequence, p.enqueued_at) AS h"
+            " WHERE o.sink = %s AND o.event_id = h.event_id",
+            ([q for q, _ in queues], [b for _, b in queues], sink, sink),
+        )
 
 
 async def mark_retry(conn: Conn, sink: str, event_id: str, *, next_attempt_at: float, error: str, now: float) -> None:

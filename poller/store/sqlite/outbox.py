@@ -74,22 +74,26 @@ class OutboxRows:
         )
 
     def _finish(self, sink: str, event_ids: Sequence[str], state: str, error: str | None, now: float) -> None:
-        """Close rows (delivered or dead) and promote each affected batch's next row, in one transaction."""
+        """Close rows (delivered or dead) and promote each affected batch's next row, in one transaction.
+
+        Two statements per chunk of rows, whatever their number: close them, then make the lowest pending
+        sequence of each of their batches its head.
+        """
         with self.conn.tx() as db:
-            queues: set[tuple[str, str]] = set()
             for chunk in chunks(list(event_ids)):
-                rows = db.execute(
-                    "SELECT source, batch_id FROM outbox WHERE sink = ? AND event_id IN (" + marks(len(chunk)) + ")",
-                    [sink, *chunk],
+                ids = marks(len(chunk))
+                db.execute(
+                    "UPDATE outbox SET state = ?, attempts = attempts + 1, updated_at = ?, last_error = ?,"
+                    " ready_at = NULL WHERE sink = ? AND event_id IN (" + ids + ")",
+                    [state, now, error, sink, *chunk],
                 )
-                queues.update((r["source"], r["batch_id"]) for r in rows)
-            db.executemany(
-                "UPDATE outbox SET state = ?, attempts = attempts + 1, updated_at = ?, last_error = ?,"
-                " ready_at = NULL WHERE sink = ? AND event_id = ?",
-                [(state, now, error, sink, event_id) for event_id in event_ids],
-            )
-            for source, batch_id in queues:
-                self._promote(db, sink, source, batch_id)
+                db.execute(
+                    "UPDATE outbox SET ready_at = next_attempt_at WHERE sink = ? AND event_id IN (SELECT"
+                    " (SELECT p.event_id FROM outbox p WHERE p.sink = q.sink AND p.state = 'pending'"
+                    " AND p.source = q.source AND p.batch_id = q.batch_id ORDER BY p.sequence, p.enqueued_at LIMIT 1)"
+                    " FROM outbox q WHERE q.sink = ? AND q.event_id IN (" + ids + "))",
+                    [sink, sink, *chunk],
+                )
 
     def mark_delivered(self, sink: str, event_ids: Sequence[str], now: float) -> None:
         """The sink acknowledged these rows; the next row of each batch becomes its head."""
