@@ -310,17 +310,19 @@ class MqttSink:
         # aiomqtt's publish returns after PUBACK (QoS 1) / PUBCOMP (QoS 2). It does not notice a lost
         # connection, hence no timeout: the sends race the session's end. Both messages go out at once
         # (paho writes them in order) and both acknowledgements are awaited.
-        publishing = asyncio.gather(*(self._publish(session.client, m) for m in messages))
+        publishing = [asyncio.ensure_future(self._publish(session.client, m)) for m in messages]
         try:
-            await asyncio.wait((publishing, session.ended), return_when=asyncio.FIRST_COMPLETED)
+            await _settled(publishing, session.ended)
         finally:
-            if not publishing.done():
-                publishing.cancel()
-                await asyncio.wait((publishing,))
+            unfinished = [task for task in publishing if not task.done()]
+            for task in unfinished:
+                task.cancel()
+            if unfinished:
+                await asyncio.wait(unfinished)
         # A publish that aiomqtt cancelled (its connection ended) counts as a lost connection too.
-        error = None if publishing.cancelled() else publishing.exception()
-        if publishing.cancelled() or isinstance(error, asyncio.CancelledError):
+        if any(task.cancelled() for task in publishing):
             raise DeliveryError(self.name, "connection lost before the broker acknowledged", retryable=True)
+        error = next((e for task in publishing if (e := task.exception()) is not None), None)
         if isinstance(error, aiomqtt.MqttError):
             reason, code = describe(error)
             raise DeliveryError(self.name, f"publish failed: {reason}", retryable=True, status=code) from error
@@ -393,6 +395,29 @@ class MqttSink:
             self._templates[key] = template
         users = (("event_id", event.id), ("event_type", event.type), ("batch_id", event.batch_id))
         return _PackedProperties(template, users)
+
+
+async def _settled(tasks: Sequence[asyncio.Future[None]], ended: asyncio.Future[None]) -> None:
+    """Return once every task is done, one failed, or `ended` resolved (`asyncio.gather` inside
+    `asyncio.wait` does the same with one more turn of the event loop per send)."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    remaining = len(tasks)
+
+    def on_done(fut: asyncio.Future[None]) -> None:
+        nonlocal remaining
+        if fut is not ended:
+            remaining -= 1
+        if not waiter.done() and (fut is ended or not remaining or fut.cancelled() or fut.exception() is not None):
+            waiter.set_result(None)
+
+    watched = (*tasks, ended)
+    for fut in watched:
+        fut.add_done_callback(on_done)
+    try:
+        await waiter
+    finally:
+        for fut in watched:
+            fut.remove_done_callback(on_done)
 
 
 class _PackedProperties(Properties):
