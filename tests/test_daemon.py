@@ -310,6 +310,48 @@ async def test_first_sight_walk_goes_on_while_pages_pay_for_themselves(tmp_path)
         assert requests["retrieve"] <= 5, requests
 
 
+async def test_a_walk_reads_the_next_page_ahead_and_a_failure_there_only_delays_its_batches(tmp_path):
+    """The next list page is requested while the current one is applied: when that request fails, the
+    page's batches back off as before and are refreshed later; nothing is left running."""
+    sim = fast_sim(speed=0.001)  # frozen: every batch stays validating
+    async with serve(sim) as url:
+        ids = sim.create_batches(300, spread=60)
+        raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
+        raw["source"]["track"] = ids
+        with capture_logs() as logs:
+            async with running(make_config(raw)) as daemon:
+                runner = daemon.runner(None)
+                tracker = runner.tracker
+                await eventually(lambda: all(b.created_at for b in tracker.batches.values()), timeout=30)
+                sim.inject(Fault(kind="500", count=1, route="list", path_contains="after="))
+                active = tracker.active()
+                for batch in active:
+                    batch.next_due = 0.0
+                runner.wake()
+                await eventually(lambda: not sim.faults, timeout=30)  # the page read ahead failed
+                await eventually(lambda: all(b.next_due > 0 and not b.error_streak for b in active), timeout=30)
+    assert not [e for e in logs if e["log_level"] in {"error", "critical"}], logs
+
+
+async def test_stopping_during_a_walk_cancels_the_page_read_ahead(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        ids = sim.create_batches(300, spread=60)
+        raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
+        raw["source"]["track"] = ids
+        async with running(make_config(raw)) as daemon:
+            tracker = daemon.runner(None).tracker
+            await eventually(lambda: all(b.created_at for b in tracker.batches.values()), timeout=30)
+            slow = sim.inject(Fault(kind="slow", delay=30.0, count=5, route="list", path_contains="after="))
+            for batch in tracker.active():
+                batch.next_due = 0.0
+            daemon.runner(None).wake()
+            await eventually(lambda: slow.count < 5, timeout=30)  # a page is on its way, slowly
+        # the daemon stopped without waiting for it, and left no request behind
+    pending = [t for t in asyncio.all_tasks() if "list_page" in repr(t.get_coro())]
+    assert pending == []
+
+
 async def test_a_crashed_delivery_worker_stops_the_daemon_with_exit_1(tmp_path):
     sim = fast_sim(speed=0.001)
     async with serve(sim) as url:

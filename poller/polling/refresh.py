@@ -10,6 +10,7 @@ else works, say `base_url` is wrong: the source reports that and keeps its batch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -118,44 +119,58 @@ class Refresher:
         items = tracked_seen = pages = 0
         ceiling = len(targets)  # never more pages than one retrieve per target would cost
         newest_first = ctx.api.capabilities.newest_first  # else no page says the rest is older
-        while True:
-            try:
-                page = await ctx.api.list_page(cursor)
-            except ApiError as exc:
-                if cursor is None and exc.status in {404, 405} and exc.from_api:
-                    # Some compatible APIs and proxies have no list endpoint: retrieve one by one from now on.
-                    ctx.health.list_unavailable = True
-                    log.warning(
-                        "the API has no batch list endpoint; refreshing with one retrieve per batch", source=ctx.name
-                    )
-                    return targets
-                if exc.status == 404 or isinstance(exc, BadResponseError):
-                    # Not JSON, or a 404 that is not the API's own: a wrong base_url. A page that is JSON
-                    # but no list (too deep, bad items) is a bad answer: counted, and retrieves go on.
-                    outcomes.foreign = outcomes.foreign or _foreign(exc)
-                    if isinstance(exc, BadResponseError):
-                        ctx.health.warn_once("list", "a list page is not one we can trust", problem=str(exc))
-                    return targets  # the retrieves tell whether the API works at all
-                await self.failed(exc, sorted(targets), outcomes)
-                return set()
-            outcomes.ok += 1
-            ctx.health.ok(ctx.clock())
-            pages += 1
-            self.report_rejected(page)
-            items += len(page.snapshots) + len(page.rejected) + len(page.unchanged)
-            tracked_seen += sum(1 for s in page.snapshots if s.id in ctx.tracker.batches) + len(page.unchanged)
-            seen = ({s.id for s in page.snapshots} | {i for i, _ in page.unchanged}) & targets
-            targets -= seen
-            await self.apply_page(page)
-            oldest = page.oldest_created_at
-            if oldest is not None:
-                marks.append(oldest)
-            paying = len(seen) >= 2  # this page found enough to justify reading the next one
-            budget_left = pages < max_pages or (paying and pages < ceiling)
-            passed = newest_first and stop_before is not None and oldest is not None and oldest < stop_before
-            if page.next is None or passed or not targets or not budget_left:
-                break
-            cursor = page.next
+        # The next page is requested before this one is applied: its answer travels while detection
+        # and the state write run (each batch is on one page only, so the order changes nothing).
+        ahead: asyncio.Task[Page] | None = None
+        try:
+            while True:
+                pending, ahead = ahead, None
+                try:
+                    page = await (pending if pending is not None else ctx.api.list_page(cursor))
+                except ApiError as exc:
+                    if cursor is None and exc.status in {404, 405} and exc.from_api:
+                        # Some compatible APIs and proxies have no list endpoint: retrieve one by one from now on.
+                        ctx.health.list_unavailable = True
+                        log.warning(
+                            "the API has no batch list endpoint; refreshing with one retrieve per batch",
+                            source=ctx.name,
+                        )
+                        return targets
+                    if exc.status == 404 or isinstance(exc, BadResponseError):
+                        # Not JSON, or a 404 that is not the API's own: a wrong base_url. A page that is JSON
+                        # but no list (too deep, bad items) is a bad answer: counted, and retrieves go on.
+                        outcomes.foreign = outcomes.foreign or _foreign(exc)
+                        if isinstance(exc, BadResponseError):
+                            ctx.health.warn_once("list", "a list page is not one we can trust", problem=str(exc))
+                        return targets  # the retrieves tell whether the API works at all
+                    await self.failed(exc, sorted(targets), outcomes)
+                    return set()
+                outcomes.ok += 1
+                ctx.health.ok(ctx.clock())
+                pages += 1
+                self.report_rejected(page)
+                items += len(page.snapshots) + len(page.rejected) + len(page.unchanged)
+                tracked_seen += sum(1 for s in page.snapshots if s.id in ctx.tracker.batches) + len(page.unchanged)
+                seen = ({s.id for s in page.snapshots} | {i for i, _ in page.unchanged}) & targets
+                targets -= seen
+                oldest = page.oldest_created_at
+                if oldest is not None:
+                    marks.append(oldest)
+                paying = len(seen) >= 2  # this page found enough to justify reading the next one
+                budget_left = pages < max_pages or (paying and pages < ceiling)
+                passed = newest_first and stop_before is not None and oldest is not None and oldest < stop_before
+                last = page.next is None or passed or not targets or not budget_left
+                if not last:
+                    cursor = page.next
+                    ahead = asyncio.create_task(ctx.api.list_page(cursor))
+                await self.apply_page(page)
+                if last:
+                    break
+        finally:
+            if ahead is not None:  # the walk was cancelled or failed while the next page was on its way
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # its own failure is moot now
+                    await ahead
         ctx.tracker.learn_walk(marks, items, tracked_seen)
         return targets
 
