@@ -6,13 +6,15 @@ import asyncio
 import math
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 from aiohttp import web
 from structlog.testing import capture_logs
 
 from poller.runtime.daemon import Daemon
-from poller.sim import Fault, serve
+from poller.sim import Fault, OpenAISim, serve
 from poller.store.base import TrackedBatch
 from tests.helpers import (
     FINAL,
@@ -172,8 +174,10 @@ def _samples(daemon, name):
                 yield sample
 
 
-async def test_first_refresh_of_many_new_ids_walks_the_list(tmp_path):
-    sim = fast_sim(speed=0.001)
+@asynccontextmanager
+async def three_pages_seen(tmp_path: Path) -> AsyncIterator[tuple[OpenAISim, Daemon]]:
+    """A daemon tracking 300 frozen batches (three list pages), once it has seen every one of them."""
+    sim = fast_sim(speed=0.001)  # frozen: every batch stays validating
     async with serve(sim) as url:
         ids = sim.create_batches(300, spread=60)
         raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
@@ -181,9 +185,25 @@ async def test_first_refresh_of_many_new_ids_walks_the_list(tmp_path):
         async with running(make_config(raw)) as daemon:
             tracker = daemon.runner(None).tracker
             await eventually(lambda: all(b.created_at for b in tracker.batches.values()), timeout=30)
-        requests = sim.stats.as_dict()
-        assert requests["retrieve"] == 0, requests
-        assert requests["list"] <= 4, requests
+            yield sim, daemon
+
+
+def walk_now(daemon: Daemon) -> list[TrackedBatch]:
+    """Make every active batch due and wake the runner: the next walk starts at once."""
+    runner = daemon.runner(None)
+    active = runner.tracker.active()
+    for batch in active:
+        batch.next_due = 0.0
+    runner.wake()
+    return active
+
+
+async def test_first_refresh_of_many_new_ids_walks_the_list(tmp_path):
+    async with three_pages_seen(tmp_path) as (sim, _daemon):
+        pass
+    requests = sim.stats.as_dict()
+    assert requests["retrieve"] == 0, requests
+    assert requests["list"] <= 4, requests
 
 
 async def test_final_batches_are_pruned_after_retention_and_sinks_told_only_if_they_keep_state(tmp_path):
@@ -313,41 +333,21 @@ async def test_first_sight_walk_goes_on_while_pages_pay_for_themselves(tmp_path)
 async def test_a_walk_reads_the_next_page_ahead_and_a_failure_there_only_delays_its_batches(tmp_path):
     """The next list page is requested while the current one is applied: when that request fails, the
     page's batches back off as before and are refreshed later; nothing is left running."""
-    sim = fast_sim(speed=0.001)  # frozen: every batch stays validating
-    async with serve(sim) as url:
-        ids = sim.create_batches(300, spread=60)
-        raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
-        raw["source"]["track"] = ids
-        with capture_logs() as logs:
-            async with running(make_config(raw)) as daemon:
-                runner = daemon.runner(None)
-                tracker = runner.tracker
-                await eventually(lambda: all(b.created_at for b in tracker.batches.values()), timeout=30)
-                sim.inject(Fault(kind="500", count=1, route="list", path_contains="after="))
-                active = tracker.active()
-                for batch in active:
-                    batch.next_due = 0.0
-                runner.wake()
-                await eventually(lambda: not sim.faults, timeout=30)  # the page read ahead failed
-                await eventually(lambda: all(b.next_due > 0 and not b.error_streak for b in active), timeout=30)
+    with capture_logs() as logs:
+        async with three_pages_seen(tmp_path) as (sim, daemon):
+            sim.inject(Fault(kind="500", count=1, route="list", path_contains="after="))
+            active = walk_now(daemon)
+            await eventually(lambda: not sim.faults, timeout=30)  # the page read ahead failed
+            await eventually(lambda: all(b.next_due > 0 and not b.error_streak for b in active), timeout=30)
     assert not [e for e in logs if e["log_level"] in {"error", "critical"}], logs
 
 
 async def test_stopping_during_a_walk_cancels_the_page_read_ahead(tmp_path):
-    sim = fast_sim(speed=0.001)
-    async with serve(sim) as url:
-        ids = sim.create_batches(300, spread=60)
-        raw = config_dict(url, tmp_path / "state.db", [], validating="1h", max_interval="1h")
-        raw["source"]["track"] = ids
-        async with running(make_config(raw)) as daemon:
-            tracker = daemon.runner(None).tracker
-            await eventually(lambda: all(b.created_at for b in tracker.batches.values()), timeout=30)
-            slow = sim.inject(Fault(kind="slow", delay=30.0, count=5, route="list", path_contains="after="))
-            for batch in tracker.active():
-                batch.next_due = 0.0
-            daemon.runner(None).wake()
-            await eventually(lambda: slow.count < 5, timeout=30)  # a page is on its way, slowly
-        # the daemon stopped without waiting for it, and left no request behind
+    async with three_pages_seen(tmp_path) as (sim, daemon):
+        slow = sim.inject(Fault(kind="slow", delay=30.0, count=5, route="list", path_contains="after="))
+        walk_now(daemon)
+        await eventually(lambda: slow.count < 5, timeout=30)  # a page is on its way, slowly
+    # the daemon stopped without waiting for it, and left no request behind
     pending = [t for t in asyncio.all_tasks() if "list_page" in repr(t.get_coro())]
     assert pending == []
 
