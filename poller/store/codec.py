@@ -32,6 +32,11 @@ BATCH_COLUMNS = (
 )
 
 
+def batch_columns(*, with_raw: bool) -> str:
+    """`BATCH_COLUMNS`, and the body after them when `with_raw`: what a store selects for `Decoder.batch`."""
+    return BATCH_COLUMNS + ", snapshot" if with_raw else BATCH_COLUMNS
+
+
 def _counts_out(c: Counts | None) -> list[int] | None:
     return None if c is None else [c.completed, c.failed, c.total]
 

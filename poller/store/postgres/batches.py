@@ -10,7 +10,7 @@ from psycopg.rows import DictRow, tuple_row
 from poller.domain.lifecycle import RANK
 from poller.domain.transitions import Knowledge
 from poller.store.base import ACTIVE, GONE, TrackedBatch
-from poller.store.codec import BATCH_COLUMNS, Decoder, knowledge_to_json
+from poller.store.codec import Decoder, batch_columns, knowledge_to_json, no_collection
 
 Conn = AsyncConnection[DictRow]
 
@@ -89,18 +89,21 @@ async def batches(
 ) -> list[TrackedBatch]:
     async with conn.cursor(row_factory=tuple_row) as cur:
         await cur.execute(
-            f"SELECT {_columns(with_raw=with_raw)} FROM batches WHERE (%(source)s::text IS NULL OR source = %(source)s)"
+            f"SELECT {batch_columns(with_raw=with_raw)} FROM batches"
+            " WHERE (%(source)s::text IS NULL OR source = %(source)s)"
             " AND (%(states)s::text[] IS NULL OR state = ANY(%(states)s)) ORDER BY added_at, id, source",
             {"source": source, "states": list(states) if states else None},
         )
-        decoder = Decoder()
-        return [decoder.batch(r, with_raw=with_raw) for r in await cur.fetchall()]
+        rows = await cur.fetchall()
+    decoder = Decoder()
+    with no_collection():  # as the SQLite store: the rows hold no cycles
+        return [decoder.batch(r, with_raw=with_raw) for r in rows]
 
 
 async def batch(conn: Conn, source: str, batch_id: str) -> TrackedBatch | None:
     async with conn.cursor(row_factory=tuple_row) as cur:
         await cur.execute(
-            f"SELECT {_columns(with_raw=True)} FROM batches WHERE source = %s AND id = %s", (source, batch_id)
+            f"SELECT {batch_columns(with_raw=True)} FROM batches WHERE source = %s AND id = %s", (source, batch_id)
         )
         found = await cur.fetchone()
     return None if found is None else Decoder().batch(found, with_raw=True)
@@ -118,7 +121,7 @@ async def prune(conn: Conn, before: float, source: str | None) -> list[TrackedBa
     async with conn.cursor(row_factory=tuple_row) as cur:
         await cur.execute(
             "DELETE FROM batches WHERE state != %s AND finished_at IS NOT NULL AND finished_at < %s"
-            f" AND (%s::text IS NULL OR source = %s) RETURNING {_columns(with_raw=True)}",
+            f" AND (%s::text IS NULL OR source = %s) RETURNING {batch_columns(with_raw=True)}",
             (ACTIVE, before, source, source),
         )
         decoder = Decoder()
@@ -146,7 +149,3 @@ async def set_cursor(conn: Conn, source: str, name: str, value: str) -> None:
         " ON CONFLICT (source, name) DO UPDATE SET value = excluded.value",
         (source, name, value),
     )
-
-
-def _columns(*, with_raw: bool) -> str:
-    return BATCH_COLUMNS + ", snapshot" if with_raw else BATCH_COLUMNS

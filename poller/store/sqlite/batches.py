@@ -9,7 +9,7 @@ from typing import Any
 from poller.domain.lifecycle import RANK
 from poller.domain.transitions import Knowledge
 from poller.store.base import ACTIVE, GONE, TrackedBatch
-from poller.store.codec import BATCH_COLUMNS, Decoder, knowledge_to_json, no_collection
+from poller.store.codec import Decoder, batch_columns, knowledge_to_json, no_collection
 from poller.store.sqlite._conn import Connection, chunks, marks
 
 
@@ -78,7 +78,7 @@ class BatchRows:
     def batches(
         self, source: str | None = None, states: Sequence[str] | None = None, *, with_raw: bool = False
     ) -> list[TrackedBatch]:
-        sql = f"SELECT {_columns(with_raw=with_raw)} FROM batches"
+        sql = f"SELECT {batch_columns(with_raw=with_raw)} FROM batches"
         clauses, args = [], []
         if source is not None:
             clauses.append("source = ?")
@@ -98,7 +98,7 @@ class BatchRows:
         cur = self.conn.db.cursor()
         cur.row_factory = None
         row = cur.execute(
-            f"SELECT {_columns(with_raw=True)} FROM batches WHERE source = ? AND id = ?", (source, batch_id)
+            f"SELECT {batch_columns(with_raw=True)} FROM batches WHERE source = ? AND id = ?", (source, batch_id)
         ).fetchone()
         return None if row is None else Decoder().batch(row, with_raw=True)
 
@@ -112,7 +112,7 @@ class BatchRows:
     def prune(self, before: float, source: str | None = None) -> list[TrackedBatch]:
         with self.conn.tx() as db:
             sql = (
-                f"SELECT {_columns(with_raw=True)} FROM batches"
+                f"SELECT {batch_columns(with_raw=True)} FROM batches"
                 " WHERE state != ? AND finished_at IS NOT NULL AND finished_at < ?"
             )
             args: list[Any] = [ACTIVE, before]
@@ -144,7 +144,3 @@ class BatchRows:
                 " ON CONFLICT (source, name) DO UPDATE SET value = excluded.value",
                 (source, name, value),
             )
-
-
-def _columns(*, with_raw: bool) -> str:
-    return BATCH_COLUMNS + ", snapshot" if with_raw else BATCH_COLUMNS
