@@ -79,13 +79,19 @@ async def next_ready_at(conn: Conn, me: str, sink: str, busy: set[tuple[str, str
     return None if found is None or found["at"] is None else float(found["at"])
 
 
-async def _promote(conn: Conn, sink: str, source: str, batch_id: str) -> None:
-    """Make the lowest pending sequence of a batch the head of its queue (due at its next attempt)."""
+async def _promote(conn: Conn, sink: str, queues: Sequence[tuple[str, str]]) -> None:
+    """Make the lowest pending sequence of each (source, batch id) queue its head (due at its next attempt),
+    in one statement however many queues."""
+    if not queues:
+        return
     await conn.execute(
-        "UPDATE outbox SET ready_at = next_attempt_at, claimed_by = NULL, claimed_until = NULL"
-        " WHERE sink = %s AND event_id = (SELECT event_id FROM outbox WHERE sink = %s AND source = %s"
-        " AND batch_id = %s AND state = 'pending' ORDER BY sequence, enqueued_at LIMIT 1)",
-        (sink, sink, source, batch_id),
+        "UPDATE outbox o SET ready_at = o.next_attempt_at, claimed_by = NULL, claimed_until = NULL FROM"
+        " (SELECT DISTINCT ON (p.source, p.batch_id) p.event_id FROM outbox p"
+        " JOIN unnest(%s::text[], %s::text[]) AS q (source, batch_id)"
+        " ON p.source = q.source AND p.batch_id = q.batch_id WHERE p.sink = %s AND p.state = 'pending'"
+        " ORDER BY p.source, p.batch_id, p.sequence, p.enqueued_at) AS h"
+        " WHERE o.sink = %s AND o.event_id = h.event_id",
+        ([q for q, _ in queues], [b for _, b in queues], sink, sink),
     )
 
 
@@ -97,17 +103,7 @@ async def finish(conn: Conn, sink: str, event_ids: Sequence[str], *, state: str,
         " RETURNING source, batch_id",
         (state, now, error, sink, list(event_ids)),
     )
-    queues = sorted({(r["source"], r["batch_id"]) for r in await cur.fetchall()})
-    if queues:  # one statement for every affected batch, not a round trip each
-        await conn.execute(
-            "UPDATE outbox o SET ready_at = o.next_attempt_at, claimed_by = NULL, claimed_until = NULL FROM"
-            " (SELECT DISTINCT ON (p.source, p.batch_id) p.event_id FROM outbox p"
-            " JOIN unnest(%s::text[], %s::text[]) AS q (source, batch_id)"
-            " ON p.source = q.source AND p.batch_id = q.batch_id WHERE p.sink = %s AND p.state = 'pending'"
-            " ORDER BY p.source, p.batch_id, p.sequence, p.enqueued_at) AS h"
-            " WHERE o.sink = %s AND o.event_id = h.event_id",
-            ([q for q, _ in queues], [b for _, b in queues], sink, sink),
-        )
+    await _promote(conn, sink, sorted({(r["source"], r["batch_id"]) for r in await cur.fetchall()}))
 
 
 async def mark_retry(conn: Conn, sink: str, event_id: str, *, next_attempt_at: float, error: str, now: float) -> None:
@@ -159,7 +155,7 @@ async def redeliver(conn: Conn, sink: str | None, event_id: str | None, now: flo
             " WHERE sink = %s AND source = %s AND batch_id = %s",
             (q_sink, source, batch_id),
         )
-        await _promote(conn, q_sink, source, batch_id)
+        await _promote(conn, q_sink, [(source, batch_id)])
     if rows:
         await bump_revision(conn)
     return len(rows)
