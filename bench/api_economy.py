@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    QUIET,
     Row,
     Section,
     devnull_logging,
@@ -132,17 +133,12 @@ async def _steady(n: int, latency: float, rate: float) -> SteadyOutcome:
     with workdir("api-steady") as tmp, sim_process(n, tmp) as sim:
         state = tmp / "state.db"
         await pre_track(state, sim.ids)
-        hour = "1h"
         raw = poller_config(
             sim.url,
             state,
             log_level="warning",
             latency=f"{latency}s",
-            validating=hour,
-            in_progress=hour,
-            finalizing=hour,
-            cancelling=hour,
-            max_interval=hour,
+            **QUIET,
             max_requests_per_second=rate,
         )
         started = time.perf_counter()
@@ -187,16 +183,11 @@ async def _steady(n: int, latency: float, rate: float) -> SteadyOutcome:
 
 def _config(url: str, state: Path) -> dict[str, Any]:
     """Long intervals: nothing becomes due by itself while the refreshes are measured."""
-    hour = "1h"
     return poller_config(
         url,
         state,
         log_level="warning",
-        validating=hour,
-        in_progress=hour,
-        finalizing=hour,
-        cancelling=hour,
-        max_interval=hour,
+        **QUIET,
     )
 
 

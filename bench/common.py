@@ -275,6 +275,10 @@ class Mosquitto:
 # -- configs -----------------------------------------------------------------------------------------
 
 
+#: `[poll]` intervals of an hour: no batch comes due by itself while a figure is measured.
+QUIET = dict.fromkeys(("validating", "in_progress", "finalizing", "cancelling", "max_interval"), "1h")
+
+
 def poller_config(
     base_url: str,
     state: Path,

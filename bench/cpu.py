@@ -35,6 +35,7 @@ from typing import Any
 
 from bench.common import (
     KEY,
+    QUIET,
     Row,
     Section,
     median,
@@ -166,16 +167,11 @@ async def _poller(url: str, ids: list[str], state: Path, reps: int, *, only_stea
 
     devnull_logging("info")
     await pre_track(state, ids)
-    hour = "1h"
     config = poller_config(
         url,
         state,
         latency=f"{LATENCY:g}s",
-        validating=hour,
-        in_progress=hour,
-        finalizing=hour,
-        cancelling=hour,
-        max_interval=hour,
+        **QUIET,
     )
     cpu, wall, requests, changed = [], [], [], []
     async with DaemonDriver(config) as driver:

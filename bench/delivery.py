@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    QUIET,
     ROOT,
     Mosquitto,
     Row,
@@ -164,16 +165,11 @@ def _poller_burst(
     run_dir.mkdir()
     state = run_dir / "state.db"
     pre_track_sync(state, ids)
-    hour = "1h"
     raw = poller_config(
         sim_url,
         state,
         [sink],
-        validating=hour,
-        in_progress=hour,
-        finalizing=hour,
-        cancelling=hour,
-        max_interval=hour,
+        **QUIET,
     )
     config = write_toml(run_dir / "config.toml", raw)
 
@@ -215,16 +211,11 @@ def _poller_drain(tmp: Path, events: int, sink: dict[str, Any], rep: int) -> dic
     run_dir = tmp / f"drain-{name}-{rep}"
     run_dir.mkdir()
     state = run_dir / "state.db"
-    hour = "1h"
     raw = poller_config(
         "http://127.0.0.1:9/v1",  # nothing is due before the first interval ends
         state,
         [sink],
-        validating=hour,
-        in_progress=hour,
-        finalizing=hour,
-        cancelling=hour,
-        max_interval=hour,
+        **QUIET,
     )
     pending = prepare_state(state, raw, events, sink=name)
     config = write_toml(run_dir / "config.toml", raw)
