@@ -191,6 +191,15 @@ async def eventually(check: Callable[[], bool], timeout: float = 30.0, interval:
         await asyncio.sleep(interval)
 
 
+async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0, interval: float = 0.05) -> None:
+    """`eventually` for checks that must await (the store, a scrape): until `await check()` is truthy."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        await asyncio.sleep(interval)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

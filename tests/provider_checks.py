@@ -3,9 +3,7 @@ daemon run that discovers a simulator's batches and follows them to their final 
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,18 @@ from poller.providers import make_provider
 from poller.providers.base import Provider
 from poller.runtime.daemon import Daemon
 from poller.sim import SimApi, SimClock, serve
-from tests.helpers import FAST_PROFILE, FINAL, KEY, KEY_ENV, config_dict, eventually, make_config, read_jsonl, running
+from tests.helpers import (
+    FAST_PROFILE,
+    FINAL,
+    KEY,
+    KEY_ENV,
+    config_dict,
+    eventually,
+    make_config,
+    read_jsonl,
+    running,
+    until,
+)
 
 
 def frozen(sim_class: type[SimApi], **kwargs: Any) -> Any:
@@ -40,14 +49,6 @@ def source_config(provider: str, url: str, **keys: Any) -> SourceConfig:
     """A `[[sources]]` entry of `provider` on `url`, its key from KEY_ENV."""
     entry = {"provider": provider, "base_url": url, "api_key_env": KEY_ENV} | keys
     return TypeAdapter(SourceConfig).validate_python(entry)
-
-
-async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
-        await asyncio.sleep(0.05)
 
 
 async def settled(daemon: Daemon) -> bool:

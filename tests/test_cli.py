@@ -10,8 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from tests.helpers import (
     make_config,
     read_jsonl,
     running,
+    until,
     write_toml,
 )
 
@@ -68,15 +68,6 @@ def two_sources(urls: dict[str, str], state: Path, sinks: list[dict[str, Any]] |
         {"name": name, "provider": "openai", "base_url": url, "api_key_env": KEY_ENV} for name, url in urls.items()
     ]
     return raw
-
-
-async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0) -> None:
-    """`eventually` for checks that read the (async) store: until `await check()` is truthy."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
-        await asyncio.sleep(0.05)
 
 
 def free_port() -> int:

@@ -6,7 +6,7 @@ import asyncio
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,17 +27,9 @@ from tests.helpers import (
     make_config,
     read_jsonl,
     running,
+    until,
     write_toml,
 )
-
-
-async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0) -> None:
-    """`eventually` for checks that read the (async) store: wait until `await check()` is truthy."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
-        await asyncio.sleep(0.05)
 
 
 async def rows(daemon: Daemon, state: str) -> list[TrackedBatch]:

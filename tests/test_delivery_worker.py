@@ -16,7 +16,7 @@ from poller.domain.events import Event, encode
 from poller.metrics import Metrics
 from poller.store import open_store
 from poller.store.base import NewEvent, OutboxRow, Store, TrackedBatch, Write
-from tests.helpers import status_event
+from tests.helpers import status_event, until
 
 SOURCE = "openai"
 SINK = "mem"
@@ -89,13 +89,6 @@ async def enqueue(store: Store, batches: dict[str, int]) -> dict[str, list[Event
         await store.record([Write(TrackedBatch(SOURCE, batch_id, "test", now), rows)], at)
         made[batch_id] = events
     return made
-
-
-async def until(check: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def pending(store: Store) -> int:

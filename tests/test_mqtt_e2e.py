@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -28,6 +26,7 @@ from tests.helpers import (
     running,
     start_daemon_process,
     stop_process,
+    until,
     write_toml,
 )
 
@@ -117,15 +116,6 @@ async def retained_states(broker: Mosquitto) -> dict[str, dict[str, Any]]:
         except TimeoutError:
             pass  # retained messages arrive right after SUBACK; a quiet second means they are all in
     return states
-
-
-async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0) -> None:
-    """`eventually` for checks that read the (async) store: wait until `await check()` is truthy."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
-        await asyncio.sleep(0.05)
 
 
 async def none_active(daemon: Daemon) -> bool:

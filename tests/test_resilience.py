@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,21 +31,13 @@ from tests.helpers import (
     make_config,
     read_jsonl,
     running,
+    until,
 )
 
 #: Batches that stay in_progress for an hour of simulated time, unless told to fail.
 SLOW = SimProfile(validating_s=(5, 10), in_progress_s=(3600, 7200), finalizing_s=(5, 10), p_failed=0.0, p_expired=0.0)
 #: Longer than any simulated batch validates: a batch created with outcome="failed" has failed by then.
 PAST_VALIDATING = 30
-
-
-async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0) -> None:
-    """`eventually` for checks that read the (async) store: wait until `await check()` is truthy."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
-        await asyncio.sleep(0.05)
 
 
 def types_of(path: Path, batch_id: str) -> list[str]:

@@ -7,7 +7,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from tests.helpers import (
     make_config,
     read_jsonl,
     running,
+    until,
     write_toml,
 )
 
@@ -78,15 +79,6 @@ class Stack:
             if time.monotonic() > deadline:
                 raise AssertionError(f"GET {path}: still {got} {body} after {timeout}s")
             await asyncio.sleep(0.05)
-
-
-async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0) -> None:
-    """`eventually` for checks that must await (the store, a scrape): until `await check()` is truthy."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
-        await asyncio.sleep(0.05)
 
 
 @asynccontextmanager

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -30,18 +28,10 @@ from tests.helpers import (
     make_config,
     read_jsonl,
     running,
+    until,
 )
 
 SOURCES = ("alpha", "beta")
-
-
-async def until(check: Callable[[], Awaitable[object]], timeout: float = 30.0) -> None:
-    """`eventually` for checks that read the (async) store: wait until `await check()` is truthy."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
-        await asyncio.sleep(0.05)
 
 
 def two_sources(urls: dict[str, str], ids: list[str], state: Path, sinks: list[dict[str, Any]]) -> dict[str, Any]:
