@@ -7,13 +7,23 @@ the recorder would publish for each change (`build_event`).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
 
 from poller.domain.events import Event, build_event
 from poller.domain.snapshot import Snapshot
-from poller.domain.transitions import Change, Detection, Knowledge, Policy, detect, pruned, stalled
+from poller.domain.transitions import (
+    Change,
+    Detection,
+    Knowledge,
+    Policy,
+    detect,
+    progress_phase,
+    pruned,
+    stalled,
+)
 from tests.helpers import make_snapshot
 
 SOURCE = "openai"
@@ -387,6 +397,9 @@ def test_progress_ids_include_the_counts() -> None:
 # -- progress ----------------------------------------------------------------------------------------
 
 C0, C1, C2, C3 = counts(0), counts(10), counts(20, 1), counts(30, 2)
+#: A batch whose phase is nearly the whole interval: it may report progress on the first change after
+#: it is first seen, so the cases below test the throttle alone.
+EARLY = next(b for b in (f"batch_{n}" for n in itertools.count()) if progress_phase(b, 60.0) > 59.5)
 
 PROGRESS_CASES = [
     # id, policy, polls as (seconds after NOW, status, request_counts), expected progress as (poll index, counts)
@@ -451,7 +464,7 @@ def test_progress(
 ) -> None:
     run = Run(policy=policy)
     for offset, status, rc in polls:
-        run.poll(make_snapshot(status, request_counts=rc), NOW + offset)
+        run.poll(make_snapshot(status, EARLY, request_counts=rc), NOW + offset)
 
     emitted = [
         (i, event.data.batch["request_counts"])
@@ -467,6 +480,28 @@ def test_progress(
         for event in progress:
             assert event.data.request_counts == {k: polls[i][2][k] for k in ("total", "completed", "failed")}
     assert_sequences_consecutive(run.events)
+
+
+def test_batches_first_seen_together_spread_their_first_progress_over_the_interval() -> None:
+    batches, step = 1_000, 3  # seen at NOW, then polled every 3 s with counts moving, for one interval
+    first: list[int] = []
+    for n in range(batches):
+        run, batch = Run(policy=POLICY), f"batch_{n:06d}"
+        run.poll(make_snapshot("in_progress", batch, request_counts=C0), NOW)
+        for second in range(step, 61, step):
+            if run.poll(make_snapshot("in_progress", batch, request_counts=counts(second)), NOW + second).changes:
+                first.append(second)
+                break
+    assert len(first) == batches  # every one reports within one interval of first sight
+    per_tenth = [sum(1 for s in first if tenth * 6 < s <= (tenth + 1) * 6) for tenth in range(10)]
+    assert all(batches * 0.06 <= n <= batches * 0.14 for n in per_tenth), per_tenth
+
+
+def test_a_batch_progress_phase_is_fixed_by_its_id() -> None:
+    assert progress_phase("batch_a", 60.0) == progress_phase("batch_a", 60.0)
+    assert 0.0 <= progress_phase("batch_a", 60.0) < 60.0
+    assert progress_phase("batch_a", 120.0) == 2 * progress_phase("batch_a", 60.0)
+    assert len({progress_phase(f"batch_{n}", 60.0) for n in range(100)}) == 100
 
 
 # -- stalls ------------------------------------------------------------------------------------------

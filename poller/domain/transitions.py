@@ -7,11 +7,15 @@ Pure: the caller passes the detection time. Guarantees, for one batch:
 - never the same (batch, status) twice; a backwards or unknown status changes nothing (a warning instead);
 - `sequence` increases strictly with every change;
 - at most one ``batch.progress`` per `progress_interval`, one ``batch.stalled`` per stall and one
-  ``batch.expiring``.
+  ``batch.expiring``;
+- a batch first seen part-way reports progress from a point of its first interval fixed by its id
+  (`progress_phase`), so batches first seen together (a daemon started among thousands) spread their
+  progress over the interval instead of all reporting in one poll.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field, replace
 
 from poller.domain.eta import Anchors, advance, completion
@@ -177,7 +181,7 @@ def detect(known: Knowledge, snap: Snapshot, now: float, policy: Policy) -> Dete
         counts_changed_at=now if counts != known.counts or known.counts_changed_at is None else known.counts_changed_at,
         # a status event carries the counts, so progress is measured from there on
         progress_counts=counts if entered else known.progress_counts,
-        progress_at=known.progress_at,
+        progress_at=_progress_at(known, snap, now, policy),
         stalled_at_counts=known.stalled_at_counts,
         expiring_sent=known.expiring_sent,
         anchors=_anchors(known, snap, now),
@@ -187,6 +191,20 @@ def detect(known: Knowledge, snap: Snapshot, now: float, policy: Policy) -> Dete
     if emit.sequence != new.sequence:
         new = replace(new, sequence=emit.sequence)
     return Detection(new, emit.changes)
+
+
+def progress_phase(batch_id: str, interval: float) -> float:
+    """Where in its first `interval` a batch first seen part-way may report progress: seconds in
+    [0, interval), the same for the same id on every replica and after every restart."""
+    return zlib.crc32(batch_id.encode("utf-8", "surrogatepass")) / 2**32 * interval
+
+
+def _progress_at(known: Knowledge, snap: Snapshot, now: float, policy: Policy) -> float | None:
+    """The progress throttle's reference time: kept once known; at first sight `now` less the batch's phase,
+    so its first progress comes within one interval, at a point of it fixed by its id."""
+    if known.status is not None or not policy.progress or snap.status is None or is_final(snap.status):
+        return known.progress_at
+    return now - progress_phase(snap.id, policy.progress_interval)
 
 
 def _anchors(known: Knowledge, snap: Snapshot, now: float) -> Anchors:
