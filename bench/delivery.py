@@ -198,6 +198,38 @@ def _poller_burst(
     }
 
 
+def _events_seen(db: Path) -> list[float]:
+    """`detected_at` of every event recorded, read-only."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return [float(d) for (d,) in conn.execute("SELECT detected_at FROM events")]
+    finally:
+        conn.close()
+
+
+def _poller_detect_only(tmp: Path, sim_url: str, ids: list[str], rep: int) -> dict[str, Any]:
+    """The burst's first sight with no sink: how fast the daemon detects and records the events by itself.
+
+    No delivery shares the process, so events / (last detection - first) is the most any burst figure
+    can reach: the window a sink's throughput is measured over starts at the first detection.
+    """
+    from bench.driver import pre_track_sync  # noqa: PLC0415
+
+    run_dir = tmp / f"detect-{rep}"
+    run_dir.mkdir()
+    state = run_dir / "state.db"
+    pre_track_sync(state, ids)
+    config = write_toml(run_dir / "config.toml", poller_config(sim_url, state, [], **QUIET))
+
+    def done() -> bool:
+        return state.exists() and _progress(state, "-")[0] >= len(ids)
+
+    _run_daemon(run_dir, config, done, TIMEOUT)
+    detected = _events_seen(state)
+    span = max(detected) - min(detected)
+    return {"events": len(detected), "span": span, "throughput": len(detected) / span if span > 0 else math.inf}
+
+
 def _poller_drain(tmp: Path, events: int, sink: dict[str, Any], rep: int) -> dict[str, Any]:
     """Run `batch-poller run` on a state whose outbox already holds `events` pending rows for `sink`.
 
@@ -331,6 +363,7 @@ def run(ctx: dict[str, Any]) -> Section:
         raw_hook = _median_run(
             [run_json_child("bench.delivery", "raw-webhook", hook_url, payloads) for _ in range(reps)]
         )
+        alone = _median_run([_poller_detect_only(tmp, sim.url, sim.ids, rep) for rep in range(reps)])
         drain_mqtt = _median_run([_poller_drain(tmp, events, mqtt_sink, rep) for rep in range(reps)])
         drain_hook = _median_run([_poller_drain(tmp, events, hook_sink, rep) for rep in range(reps)])
         span, lead = (QUICK_STEADY_SPAN, QUICK_STEADY_LEAD) if quick(ctx) else (STEADY_SPAN, STEADY_LEAD)
@@ -386,6 +419,21 @@ def run(ctx: dict[str, Any]) -> Section:
             f"itself spanned {ours['detect_span']:.2f} s ({math.ceil(events / 100)} list pages). Raw, median of {reps} (events/s: "
             f"{', '.join(f'{t:,.0f}' for t in raw['all'])}): {raw['events']:,} in {raw['span']:.2f} s."
         )
+    section.rows.append(
+        Row(
+            f"The burst's {events:,} first-sight events detected and recorded with no sink: throughput",
+            f"{alone['throughput']:,.0f} events/s",
+            f"{raw_mqtt['throughput']:,.0f} / {raw_hook['throughput']:,.0f} events/s (raw MQTT / webhook)",
+            f"{alone['throughput'] / raw_mqtt['throughput']:.2f} / {alone['throughput'] / raw_hook['throughput']:.2f}",
+            "(informational: the most a burst figure can reach)",
+        )
+    )
+    section.notes.append(
+        f"Detection alone, median of {reps} runs (events/s: {', '.join(f'{t:,.0f}' for t in alone['all'])}): "
+        f"the same {events:,} first sights with no sink, {alone['events']:,} events recorded over "
+        f"{alone['span']:.2f} s from the first detection to the last. A burst's window starts at its first "
+        "detection, so no sink's figure can pass this one, however fast delivery is or wherever it runs."
+    )
     ceiling = mqtt["events"] / mqtt["detect_span"] if mqtt["detect_span"] > 0 else float("inf")
     section.notes.append(
         "What limits the burst (profiled in the daemon process with pyinstrument, `python -m pyinstrument -m "
