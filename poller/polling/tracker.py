@@ -10,7 +10,8 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Any
 
 from poller.domain.eta import ProgressWindow
@@ -22,6 +23,15 @@ from poller.errors import ApiError
 from poller.providers.base import Rebase
 from poller.store.base import ACTIVE, FINAL, GONE, TrackedBatch
 from poller.store.codec import dump_body, fingerprint
+
+#: A row's fields as `TrackedBatch` takes them, in order: `_copy` is a third of `dataclasses.replace`'s cost,
+#: once per batch whose counts moved.
+_ROW_FIELDS = attrgetter(*(f.name for f in fields(TrackedBatch) if f.init))
+
+
+def _copy(row: TrackedBatch) -> TrackedBatch:
+    """`dataclasses.replace(row)`: a copy of the live row, for the recorder to write."""
+    return TrackedBatch(*_ROW_FIELDS(row))
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +194,7 @@ class Tracker:
         if not (changed or detection.changes or was_erroring):
             return Observation(snap, None)
         return Observation(
-            snap, replace(tracked), detection.changes, body if changed else None, expected_sequence=expected
+            snap, _copy(tracked), detection.changes, body if changed else None, expected_sequence=expected
         )
 
     def unchanged(self, batch_id: str, item: Mapping[str, Any], now: float) -> int | None:
@@ -269,7 +279,7 @@ class Tracker:
             tracked.not_found += 1
             if tracked.not_found >= self.backoff.gone_after:
                 tracked.state, tracked.finished_at, tracked.next_due = GONE, now, math.inf
-                return replace(tracked)
+                return _copy(tracked)
         else:
             tracked.error_streak += 1
         streak = max(tracked.error_streak, tracked.not_found)
