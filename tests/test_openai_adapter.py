@@ -5,20 +5,27 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from poller.config import OpenAISourceConfig
 from poller.domain.lifecycle import STATUSES
-from poller.domain.schedule import Pacer
+from poller.domain.schedule import Intervals, Pacer
 from poller.domain.snapshot import Counts
+from poller.domain.transitions import Policy
 from poller.errors import BadResponseError
 from poller.metrics import Metrics
+from poller.polling.tracker import Backoff, Tracker
 from poller.providers._http import NestedTooDeepError, parse_json
+from poller.providers.base import Page
 from poller.providers.openai import OpenAIProvider
 from poller.providers.openai_types import Batch
+from poller.store import TrackedBatch
 from poller.store.codec import dump_body
 
 T0 = 1_714_508_499
@@ -282,3 +289,106 @@ def test_parse_json_refuses_what_is_not_json_and_names_deep_nesting() -> None:
 )
 def test_dump_body_writes_what_the_standard_library_writes(body: dict[str, Any]) -> None:
     assert dump_body(body) == json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+# -- list items whose counts alone moved: only the counts are checked ------------------------------------
+
+NOW = float(T0 + 1_000)
+RUNNING = with_(FULL, status="in_progress", finalizing_at=None, completed_at=None, errors=None, usage=None)
+#: Bodies the poll loop saw before: plain ones (the path taken) and ones `normalize` coerces (not taken).
+SEEN_BEFORE = [
+    RUNNING,
+    with_(RUNNING, metadata=None, request_counts={"failed": 0, "total": 10, "completed": 0}),  # another key order
+    with_(RUNNING, metadata={}, expires_at=None, future_field={"nested": [1, "two", None]}),
+    with_(MINIMAL, request_counts={"total": 4, "completed": 0, "failed": 0}),
+    with_(RUNNING, created_at=float(T0)),  # normalize makes it an int
+    with_(RUNNING, in_progress_at=float(T0 + 10)),
+    with_(RUNNING, status="paused"),  # unknown: a warning, never taken as seen
+    with_(RUNNING, request_counts={"total": 100, "completed": 95, "failed": 5, "skipped": 0}),  # a key besides
+]
+COUNT_VALUES = st.one_of(
+    st.integers(min_value=-3, max_value=200),
+    st.sampled_from([10**12, 10**12 + 1, 2**70, True, False, None, 7.0, 7.5, math.nan, "17", "x", [3], {"n": 1}]),
+)
+
+
+def recounts(fast: bool) -> tuple[OpenAIProvider, Metrics, Tracker]:
+    """An adapter whose list pages the tracker vouches for, with the counts-only path (`fast`) or without."""
+    metrics = Metrics()
+    adapter = adapter_for(metrics)
+    tracker = Tracker(
+        "openai",
+        intervals=Intervals(base={"in_progress": 30.0}, growth=2.0, max_interval=300.0),
+        policy=Policy(),
+        backoff=Backoff(),
+        rand=lambda: 0.5,
+    )
+    tracker.load(
+        [TrackedBatch(source="openai", id=i, origin="cli", added_at=0.0) for i in ("batch_abc123", "batch_min")]
+    )
+    adapter.unchanged = lambda batch_id, item: tracker.unchanged(batch_id, item, NOW)
+    adapter.recounted = tracker.recounted if fast else None
+    return adapter, metrics, tracker
+
+
+def exactly(page: Page, metrics: Metrics) -> list[object]:
+    """What a page came to, types included (1 == 1.0 == True for `==`), and what was counted as bad."""
+    counted = {(s.labels["reason"], s.value) for m in metrics.registry.collect() for s in m.samples if s.name == BAD}
+    return [[(repr(s), repr(s.raw)) for s in page.snapshots], page.rejected, page.unchanged, counted]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    seen=st.sampled_from(SEEN_BEFORE),
+    keys=st.permutations(["total", "completed", "failed"]),
+    values=st.lists(COUNT_VALUES, min_size=3, max_size=3),
+    shape=st.sampled_from(["counts", "counts-and-status", "extra-key", "missing-key", "null", "not-an-object"]),
+)
+def test_a_body_whose_counts_alone_moved_makes_the_snapshot_and_errors_of_a_full_check(
+    seen: dict[str, Any], keys: list[str], values: list[Any], shape: str
+) -> None:
+    counts: Any = dict(zip(keys, values, strict=True))
+    if shape == "extra-key":
+        counts["skipped"] = 0
+    elif shape == "missing-key":
+        counts.pop(keys[0])
+    elif shape == "null":
+        counts = None
+    elif shape == "not-an-object":
+        counts = values
+    item = with_(seen, request_counts=counts)
+    if shape == "counts-and-status":
+        item["status"] = "finalizing"
+    outcomes = []
+    for fast in (True, False):
+        adapter, metrics, tracker = recounts(fast)
+        for snap in adapter.page([copy.deepcopy(seen)], None).snapshots:
+            tracker.observe(snap, dump_body(snap.raw), NOW - 3, listed=True)
+        listed = copy.deepcopy(item)
+        page = adapter.page([listed], None)
+        assert all(s.raw is listed for s in page.snapshots)  # events carry the body as received
+        outcomes.append(exactly(page, metrics))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_only_the_counts_of_a_body_seen_before_are_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter, metrics, tracker = recounts(fast=True)
+    [snap] = adapter.page([copy.deepcopy(RUNNING)], None).snapshots
+    tracker.observe(snap, dump_body(snap.raw), NOW - 3, listed=True)
+    full = adapter.normalize
+
+    def no_full_check(raw: object) -> None:
+        raise AssertionError("normalize called for a body whose counts alone moved")
+
+    monkeypatch.setattr(adapter, "normalize", no_full_check)
+    moved = with_(RUNNING, request_counts={"total": 100, "completed": 97, "failed": 3})
+    [recounted] = adapter.page([moved], None).snapshots
+    assert recounted == full(moved)
+    assert recounted.counts == Counts(total=100, completed=97, failed=3)
+    # Counts that cannot be true go to the full check, which refuses them as it always did (counted once).
+    monkeypatch.setattr(adapter, "normalize", full)
+    untrue = with_(RUNNING, request_counts={"total": 100, "completed": 97, "failed": 5})
+    page = adapter.page([untrue], None)
+    assert (page.snapshots, [i for i, _ in page.rejected]) == ([], ["batch_abc123"])
+    assert "completed + failed exceeds total" in page.rejected[0][1]
+    assert metrics.registry.get_sample_value(BAD, {"source": "openai", "reason": "invalid_value"}) == 1.0

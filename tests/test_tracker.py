@@ -18,7 +18,7 @@ from poller.polling.recorder import Recorder
 from poller.polling.tracker import Backoff, Observation, Tracker
 from poller.store import ACTIVE, FINAL, GONE, TrackedBatch, open_store
 from poller.store.codec import dump_body, fingerprint
-from tests.helpers import make_snapshot
+from tests.helpers import make_snapshot, openai_adapter
 
 SOURCE = "openai"
 T0 = 1_700_000_000
@@ -623,3 +623,32 @@ def test_a_body_only_loaded_from_the_store_is_validated_once_first() -> None:
     tracker.clear()
     tracker.load([TrackedBatch(source=SOURCE, id="batch_a", origin="cli", added_at=0.0, fingerprint=row.fingerprint)])
     assert tracker.unchanged("batch_a", dict(snap.raw), NOW + 1) is None  # its expires_at is not known here
+
+
+def test_a_list_item_whose_counts_alone_moved_is_recounted_only_once_its_body_was_seen() -> None:
+    tracker, recount = make_tracker(), openai_adapter().rebase
+    snap = make_snapshot("in_progress", request_counts=counts(3))
+    assert not tracker.recounted("batch_a", dict(snap.raw), recount)  # never seen
+    observe(tracker, snap, NOW)
+    moved = dict(snap.raw) | {"request_counts": counts(4)}
+    assert tracker.recounted("batch_a", moved, recount)
+    assert not tracker.recounted("batch_a", moved | {"status": "finalizing"}, recount)  # more than its counts
+    assert not tracker.recounted("batch_a", moved, lambda _raw, _counts: None)  # counts not in the plain shape
+    assert not tracker.recounted("batch_b", moved, recount)  # not tracked
+    row = tracker.batches["batch_a"]
+    tracker.clear()
+    tracker.load([TrackedBatch(source=SOURCE, id="batch_a", origin="cli", added_at=0.0, fingerprint=row.fingerprint)])
+    assert not tracker.recounted("batch_a", moved, recount)  # only loaded from the store: checked in full first
+
+
+def test_a_body_found_changed_is_encoded_and_hashed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker = make_tracker()
+    snap = make_snapshot("in_progress", request_counts=counts(3))
+    observe(tracker, snap, NOW)
+    moved = make_snapshot("in_progress", request_counts=counts(4))
+    assert tracker.unchanged("batch_a", moved.raw, NOW + 1) is None
+    monkeypatch.setattr("poller.polling.tracker.dump_body", lambda _raw: pytest.fail("encoded twice"))
+    assert tracker.body(moved) == (dump_body(moved.raw), fingerprint(dump_body(moved.raw)))
+    monkeypatch.undo()
+    other = make_snapshot("in_progress", request_counts=counts(4))  # an equal body, but another item
+    assert tracker.body(other) == tracker.body(moved)

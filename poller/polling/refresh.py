@@ -25,7 +25,6 @@ from poller.polling.recorder import Recorder
 from poller.polling.tracker import Observation, Tracker
 from poller.providers.base import Page, Provider
 from poller.store.base import BatchStore, TrackedBatch
-from poller.store.codec import dump_body
 
 log = structlog.get_logger("poller.refresh")
 
@@ -200,7 +199,8 @@ class Refresher:
             if snap.id not in tracked:
                 continue  # an untracked batch on the page: not worth serializing its body
             try:
-                obs = ctx.tracker.observe(snap, dump_body(snap.raw), now, listed=listed)
+                body, body_print = ctx.tracker.body(snap)
+                obs = ctx.tracker.observe(snap, body, now, listed=listed, body_print=body_print)
             except Exception:  # one batch must never stop the others: count it, log it, go on
                 ctx.metrics.bad_response("unprocessable")
                 log.exception("a batch could not be processed; skipped", source=ctx.name, batch_id=snap.id)

@@ -140,6 +140,7 @@ class SourceRunner:
             self.tracker.page_size = provider.capabilities.page_size
             tracker, clock = self.tracker, self.clock
             provider.unchanged = lambda batch_id, item: tracker.unchanged(batch_id, item, clock())
+            provider.recounted = tracker.recounted
             self.ctx.provider = provider
             try:
                 yield

@@ -10,7 +10,8 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Any
 
 from poller.domain.eta import ProgressWindow
@@ -19,8 +20,18 @@ from poller.domain.schedule import Intervals, Rand, error_delay, retrieve_delay,
 from poller.domain.snapshot import Snapshot
 from poller.domain.transitions import Change, Policy, detect, quiet, quiet_as_known
 from poller.errors import ApiError
+from poller.providers.base import Rebase
 from poller.store.base import ACTIVE, FINAL, GONE, TrackedBatch
 from poller.store.codec import dump_body, fingerprint
+
+#: A row's fields as `TrackedBatch` takes them, in order: `_copy` is a third of `dataclasses.replace`'s cost,
+#: once per batch whose counts moved.
+_ROW_FIELDS = attrgetter(*(f.name for f in fields(TrackedBatch) if f.init))
+
+
+def _copy(row: TrackedBatch) -> TrackedBatch:
+    """`dataclasses.replace(row)`: a copy of the live row, for the recorder to write."""
+    return TrackedBatch(*_ROW_FIELDS(row))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +94,9 @@ class Tracker:
         self.page_marks: list[int] = []
         #: How many list items there were per tracked batch on the last walk (untracked batches dilute pages).
         self.density = 1.0
+        #: Bodies `unchanged` found changed, by batch id: (the item, its text, its fingerprint), which
+        #: `body` hands on to `observe` so the item is encoded and hashed once (at most a few pages of them).
+        self._bodies: dict[str, tuple[Mapping[str, Any], str, int]] = {}
 
     # -- membership --------------------------------------------------------------------------------
 
@@ -101,6 +115,7 @@ class Tracker:
         """Forget everything, so the next `load` takes the store's rows as they are (another replica's)."""
         self.batches = {}
         self.progress.clear()
+        self._bodies.clear()
         self.next_walk = -math.inf
 
     def add(self, row: TrackedBatch) -> None:
@@ -135,17 +150,20 @@ class Tracker:
 
     # -- outcomes ----------------------------------------------------------------------------------
 
-    def observe(self, snap: Snapshot, body: str, now: float, *, listed: bool = False) -> Observation | None:
+    def observe(
+        self, snap: Snapshot, body: str, now: float, *, listed: bool = False, body_print: int | None = None
+    ) -> Observation | None:
         """Apply a fetched snapshot; None if the batch is not tracked (or no longer active).
 
-        `listed` says a list page showed it: its next refresh is the next walk. A retrieved batch of a
-        source whose list refreshes it joins that walk too; otherwise it is paced by its status interval
-        and its estimated completion.
+        `body` is the snapshot's body text (`dump_body`), `body_print` its fingerprint when known already
+        (`body`). `listed` says a list page showed it: its next refresh is the next walk. A retrieved
+        batch of a source whose list refreshes it joins that walk too; otherwise it is paced by its status
+        interval and its estimated completion.
         """
         tracked = self.batches.get(snap.id)
         if tracked is None or tracked.state != ACTIVE:
             return None
-        new_print = fingerprint(body)
+        new_print = fingerprint(body) if body_print is None else body_print
         changed = new_print != tracked.fingerprint
         was_erroring = tracked.error_streak > 0 or tracked.not_found > 0
         if not changed and not was_erroring and quiet(tracked.knowledge, snap, now, self.policy):
@@ -176,7 +194,7 @@ class Tracker:
         if not (changed or detection.changes or was_erroring):
             return Observation(snap, None)
         return Observation(
-            snap, replace(tracked), detection.changes, body if changed else None, expected_sequence=expected
+            snap, _copy(tracked), detection.changes, body if changed else None, expected_sequence=expected
         )
 
     def unchanged(self, batch_id: str, item: Mapping[str, Any], now: float) -> int | None:
@@ -185,11 +203,37 @@ class Tracker:
         tracked = self.batches.get(batch_id)
         if tracked is None or tracked.state != ACTIVE or not tracked.observed or tracked.created_at is None:
             return None
-        if tracked.error_streak or tracked.not_found or tracked.fingerprint != fingerprint(dump_body(item)):
+        body = dump_body(item)
+        body_print = fingerprint(body)
+        if tracked.error_streak or tracked.not_found or tracked.fingerprint != body_print:
+            self._bodies[batch_id] = (item, body, body_print)
             return None
         if not quiet_as_known(tracked.knowledge, tracked.expires_at, now, self.policy):
+            self._bodies[batch_id] = (item, body, body_print)
             return None
         return tracked.created_at
+
+    def recounted(self, batch_id: str, item: Mapping[str, Any], rebase: Rebase) -> bool:
+        """`Provider.recounted`: whether `item` is the body of an active batch this process saw last but for
+        its request counts: put back to the counts detection knows (`rebase`), it has that body's fingerprint.
+        Only its counts then need checking; the body they were put back into was checked when it was seen."""
+        tracked = self.batches.get(batch_id)
+        if tracked is None or tracked.state != ACTIVE or not tracked.observed:
+            return False
+        counts = tracked.knowledge.counts
+        if counts is None or tracked.fingerprint is None:
+            return False
+        before = rebase(item, counts)
+        return before is not None and fingerprint(dump_body(before)) == tracked.fingerprint
+
+    def body(self, snap: Snapshot) -> tuple[str, int]:
+        """The body text of `snap` and its fingerprint, for `observe`: the ones `unchanged` computed for the
+        same item if it did, else computed now."""
+        found = self._bodies.pop(snap.id, None)
+        if found is not None and found[0] is snap.raw:
+            return found[1], found[2]
+        body = dump_body(snap.raw)
+        return body, fingerprint(body)
 
     def seen_unchanged(self, batch_id: str, now: float) -> None:
         """A list page showed the batch as `unchanged` vouched: only its schedule moves (to the next walk)."""
@@ -235,7 +279,7 @@ class Tracker:
             tracked.not_found += 1
             if tracked.not_found >= self.backoff.gone_after:
                 tracked.state, tracked.finished_at, tracked.next_due = GONE, now, math.inf
-                return replace(tracked)
+                return _copy(tracked)
         else:
             tracked.error_streak += 1
         streak = max(tracked.error_streak, tracked.not_found)
@@ -286,6 +330,7 @@ class Tracker:
         """A walk of the active pages starts: every batch it shows is next due one period from `start`."""
         self.period = self.walk_period()
         self.next_walk = start + self.period
+        self._bodies.clear()  # left by items that were not batches after all, or by pages never applied
 
     def pull_in(self, due: Sequence[TrackedBatch], now: float) -> list[TrackedBatch]:
         """`due` and every active batch due before the next walk would come: one walk serves them all,

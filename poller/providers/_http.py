@@ -21,10 +21,10 @@ import orjson
 
 from poller import __version__
 from poller.domain.schedule import Pacer, parse_retry_after
-from poller.domain.snapshot import InvalidSnapshotError, Snapshot
+from poller.domain.snapshot import Counts, InvalidSnapshotError, Snapshot
 from poller.errors import ApiError, BadResponseError
 from poller.metrics import SourceMetrics
-from poller.providers.base import Capabilities, Page, Unchanged
+from poller.providers.base import Capabilities, Page, Recounted, Unchanged
 
 #: Error texts and log fields are cut to this many characters: a body may be megabytes of anything.
 EXCERPT = 300
@@ -83,6 +83,9 @@ class HttpProvider:
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: The field of a batch object that holds its id (for naming items that fail to normalize).
     id_field: ClassVar[str] = "id"
+    #: Whether the adapter's `rebase` and `recount` know where its bodies keep their request counts: list
+    #: items whose counts alone moved then skip the full check (`Provider.recounted`).
+    recounts: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -102,6 +105,7 @@ class HttpProvider:
         self.requests: Counter[str] = Counter()
         self.last_progress = 0.0
         self.unchanged: Unchanged | None = None
+        self.recounted: Recounted | None = None
 
     async def __aenter__(self) -> Self:
         headers = {"User-Agent": f"batch-poller/{__version__}", "Accept": "application/json"}
@@ -126,6 +130,17 @@ class HttpProvider:
 
     def normalize(self, raw: Mapping[str, Any]) -> Snapshot:
         raise NotImplementedError
+
+    def rebase(self, raw: Mapping[str, Any], counts: Counts) -> Mapping[str, Any] | None:  # noqa: ARG002
+        """`raw` with its request counts set to `counts` in the body's own shape; None when the counts are not
+        in the plain shape `recount` handles (then the body is normalized in full). Only with `recounts`."""
+        return None
+
+    def recount(self, raw: Mapping[str, Any]) -> Snapshot:
+        """`normalize(raw)` for a body the poll loop vouched equal but for its request counts to one this
+        adapter normalized before (`Provider.recounted`): the same snapshot, or the same error, checking only
+        the counts. Only with `recounts`."""
+        return self.normalize(raw)
 
     def retry_after(self, headers: Mapping[str, str], now: float) -> float | None:
         """The delay a rate-limited or overloaded answer asks for (Retry-After and its variants)."""
@@ -177,6 +192,7 @@ class HttpProvider:
         rejected: list[tuple[str | None, str]] = []
         unchanged: list[tuple[str, int]] = []
         known = self.unchanged
+        recounted = self.recounted if self.recounts else None
         for item in items:
             try:
                 if not isinstance(item, dict):
@@ -185,6 +201,9 @@ class HttpProvider:
                     created_at = known(batch_id, item)
                     if created_at is not None:  # the very body the poll loop holds: nothing to check again
                         unchanged.append((batch_id, created_at))
+                        continue
+                    if recounted is not None and recounted(batch_id, item, self.rebase):
+                        snaps.append(self.recount(item))  # that body but for its counts: only they are checked
                         continue
                 snaps.append(self.normalize(item))
             except BadResponseError as exc:

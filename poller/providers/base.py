@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Protocol, Self
 
-from poller.domain.snapshot import Snapshot
+from poller.domain.snapshot import Counts, Snapshot
 
 Paging = Literal["cursor", "offset", "token", "single"]
 
@@ -61,6 +61,15 @@ Unchanged = Callable[[str, Mapping[str, Any]], int | None]
 """Given a list item's id and its body: the created_at of a batch the poll loop holds with exactly this
 body and nothing time-based due (the item needs no validation and no detection), else None."""
 
+Rebase = Callable[[Mapping[str, Any], Counts], Mapping[str, Any] | None]
+"""A list item's body with its request counts set to `counts` (in the item's own shape and key order),
+or None when its counts are not in the plain shape that allows it (the provider's `rebase`)."""
+
+Recounted = Callable[[str, Mapping[str, Any], Rebase], bool]
+"""Given a list item's id, its body and the provider's `Rebase`: whether the body is the one the poll
+loop holds (seen and checked by this process) but for its request counts, so that only the counts need
+checking (the provider's `recount`)."""
+
 
 class Provider(Protocol):
     """One provider's Batch API, reached with one key. An async context manager owning its session."""
@@ -74,6 +83,8 @@ class Provider(Protocol):
     last_progress: float
     #: Set by the poll loop: list items it already holds unchanged are not normalized again.
     unchanged: Unchanged | None
+    #: Set by the poll loop: list items whose request counts alone moved have only their counts checked.
+    recounted: Recounted | None
 
     async def __aenter__(self) -> Self: ...
 

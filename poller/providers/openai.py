@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from poller.config.sources import AzureSourceConfig, OpenAISourceConfig
 from poller.domain.lifecycle import STATUSES, is_status
 from poller.domain.schedule import Pacer
-from poller.domain.snapshot import InvalidSnapshotError, Snapshot, make_counts
+from poller.domain.snapshot import Counts, InvalidSnapshotError, Snapshot, make_counts
 from poller.metrics import SourceMetrics
 from poller.providers._http import Endpoint, HttpProvider, excerpt
 from poller.providers.base import Capabilities, Page
@@ -30,6 +30,8 @@ _STAMPS = tuple((s, f"{s}_at") for s in _STAMPED)
 #: Integer fields pydantic would also take from a JSON string or boolean ("17", true): not numbers we trust.
 _INTEGERS = ("created_at", "expires_at", *(f"{s}_at" for s in _STAMPED))
 _COUNTS = ("total", "completed", "failed")
+#: The keys of `request_counts` in the plain shape of the counts-only path (`rebase`), in any order.
+_COUNT_KEYS = frozenset(_COUNTS)
 #: A tuple: `isinstance` with `bool | str` costs twice as much, on every item of every page.
 _LOOSE = (bool, str)
 
@@ -53,6 +55,7 @@ def _not_integer(name: str, value: object) -> InvalidSnapshotError:
 class OpenAIProvider(HttpProvider):
     name: ClassVar[str] = "openai"
     capabilities: ClassVar[Capabilities] = Capabilities(paging="cursor", page_size=PAGE_SIZE, newest_first=True)
+    recounts: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -119,6 +122,51 @@ class OpenAIProvider(HttpProvider):
             )
         except InvalidSnapshotError as exc:
             raise self.invalid(exc) from None
+
+    def rebase(self, raw: Mapping[str, Any], counts: Counts) -> Mapping[str, Any] | None:
+        rc = raw.get("request_counts")
+        if type(rc) is not dict or rc.keys() != _COUNT_KEYS:
+            return None  # absent, null, or other keys besides the three: `normalize` decides
+        before = dict(raw)
+        before["request_counts"] = {key: getattr(counts, key) for key in rc}
+        return before
+
+    def recount(self, raw: Mapping[str, Any]) -> Snapshot:
+        """The snapshot `normalize` makes, for a body that differs only in its request counts from one it
+        normalized before: those three checked, the rest taken as it is (checked then, to the byte).
+
+        Whatever `normalize` would have to coerce or refuse goes to `normalize`: counts that are not plain
+        integers or not true (its errors and their counting stay its own), and times that are not plain
+        integers (it makes a float such as 1.7e9 an int).
+        """
+        rc = raw["request_counts"]
+        try:
+            counts = make_counts(rc["total"], rc["completed"], rc["failed"])
+        except InvalidSnapshotError:
+            return self.normalize(raw)
+        created_at, expires_at = raw["created_at"], raw.get("expires_at")
+        if type(created_at) is not int or not (expires_at is None or type(expires_at) is int):
+            return self.normalize(raw)
+        entered: dict[str, int] = {"validating": created_at}
+        for status, stamp in _STAMPS:
+            when = raw.get(stamp)
+            if when is not None:
+                if type(when) is not int:
+                    return self.normalize(raw)
+                entered[status] = when
+        provider_status, metadata = raw["status"], raw.get("metadata")
+        return Snapshot.prechecked(
+            raw["id"],
+            provider_status if is_status(provider_status) else None,
+            provider_status,
+            created_at,
+            raw,
+            entered,
+            counts,
+            expires_at,
+            None if metadata is None else dict(metadata),  # a copy, as the model makes one
+            raw["endpoint"],
+        )
 
 
 class AzureProvider(OpenAIProvider):
