@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from poller.domain.eta import pack_anchors
 from poller.domain.snapshot import Counts
 from poller.domain.transitions import Knowledge
 from poller.store import ACTIVE, TrackedBatch
@@ -44,7 +45,7 @@ def test_rows_of_one_read_share_equal_parts() -> None:
         sequence=2,
         counts=Counts(total=9, completed=1, failed=0),
         progress_counts=Counts(total=9, completed=1, failed=0),
-        anchors=((1.5, 1),),
+        anchors=pack_anchors([(1.5, 1)]),
     )
     text = knowledge_to_json(known)
     decoder = Decoder()

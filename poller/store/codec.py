@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from poller.domain.eta import anchor_pairs, pack_anchors
 from poller.domain.snapshot import Counts
 from poller.domain.transitions import Knowledge
 from poller.store.base import TrackedBatch
@@ -58,7 +59,7 @@ def knowledge_to_json(k: Knowledge) -> str:
             k.progress_at,
             _counts_out(k.stalled_at_counts),
             k.expiring_sent,
-            [[at, finished] for at, finished in k.anchors],
+            [[at, finished] for at, finished in anchor_pairs(k.anchors)],
         ],
     ).decode()
 
@@ -133,7 +134,7 @@ class Decoder:
             progress_at,
             as_counts(stalled),
             expiring,
-            tuple((float(at), int(finished)) for at, finished in anchors) if anchors else (),
+            pack_anchors([(float(at), int(finished)) for at, finished in anchors]) if anchors else b"",
         )
 
     def _keyed(self, raw: dict[str, Any]) -> Knowledge:
@@ -151,7 +152,7 @@ class Decoder:
             progress_at=get("progress_at"),
             stalled_at_counts=counts(get("stalled_at_counts")),
             expiring_sent=bool(get("expiring_sent", False)),
-            anchors=tuple((float(at), int(finished)) for at, finished in anchors) if anchors else (),
+            anchors=pack_anchors([(float(at), int(finished)) for at, finished in anchors]) if anchors else b"",
         )
 
     def batch(self, row: Sequence[Any], *, with_raw: bool = False) -> TrackedBatch:
