@@ -92,6 +92,7 @@ class Decoder:
     def __init__(self) -> None:
         self._counts: dict[tuple[int, ...], Counts] = {}
         self._seen: dict[tuple[str, ...], frozenset[str]] = {}
+        self._added_at: float | None = None
 
     def counts(self, value: Any) -> Counts | None:
         if value is None:
@@ -159,13 +160,18 @@ class Decoder:
         """A `TrackedBatch` from a row of `BATCH_COLUMNS` (followed by the body when `with_raw`)."""
         intern = sys.intern
         body = row[14] if with_raw else None
+        added_at = row[3]
+        if added_at == self._added_at:  # tracked together (one `track`, one discovered page): one float for all
+            added_at = self._added_at
+        else:
+            self._added_at = added_at
         # Positional (a third of the cost of keywords, for every row of a large set): the columns are
         # the fields in order, which tests/test_store.py checks.
         return TrackedBatch(
             intern(row[0]),
             row[1],
             intern(row[2]),
-            row[3],
+            added_at,
             intern(row[4]),
             self.knowledge(row[5]),
             row[6],
