@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from poller.domain.eta import pack_anchors
 from poller.domain.snapshot import Counts
 from poller.domain.transitions import Knowledge
 from poller.store import ACTIVE, TrackedBatch
@@ -44,12 +45,16 @@ def test_rows_of_one_read_share_equal_parts() -> None:
         sequence=2,
         counts=Counts(total=9, completed=1, failed=0),
         progress_counts=Counts(total=9, completed=1, failed=0),
-        anchors=((1.5, 1),),
+        anchors=pack_anchors([(1.5, 1)]),
     )
     text = knowledge_to_json(known)
     decoder = Decoder()
-    rows = [("openai", f"b{i}", "cli", 1.0, "active", text, 7, 2.0, None, 0, 0, None, None, i) for i in range(2)]
+    rows = [
+        ("openai", f"b{i}", "cli", float("1.5"), "active", text, 7, 2.0, None, 0, 0, None, None, i) for i in range(2)
+    ]
     a, b = (decoder.batch(r) for r in rows)
+    assert rows[0][3] is not rows[1][3]
+    assert a.added_at is b.added_at == 1.5  # rows come in `added_at` order: those tracked together share it
     assert a.knowledge == b.knowledge == known == knowledge_from_json(text)
     assert a.knowledge.counts is b.knowledge.counts is a.knowledge.progress_counts
     assert a.knowledge.seen is b.knowledge.seen

@@ -160,3 +160,24 @@ async def test_an_acknowledged_row_is_recorded_while_another_batch_stays_in_flig
 async def _delivered(store: Store, ids: set[str]) -> bool:
     rows = await store.deliveries(SINK, states=("delivered",))
     return ids <= {row.event_id for row in rows}
+
+
+async def test_a_row_handed_over_after_an_outbox_read_took_it_is_not_sent_again(store: Store) -> None:
+    # The recorder hands a write's new heads over once the write returns; on a store of several connections,
+    # an outbox read may take them first. Each is sent once however many reads of the worker came between.
+    await enqueue(store, {f"batch_{i:03d}": 1 for i in range(30)})
+    late = await store.claim_heads(SINK, time.time(), set(), 100)  # SQLite's claim is a plain read
+    sink = MemorySink(max_in_flight=2)
+    worker = DeliveryWorker(store, sink, Metrics())
+    task = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: _none_pending(store))
+        for row in late:
+            worker.offer(row)
+        await enqueue(store, {"batch_later": 1})  # read from the outbox after the late hand-overs
+        await until(lambda: _none_pending(store))
+    finally:
+        await worker.stop(1.0)
+        await asyncio.gather(task, return_exceptions=True)
+    assert len(late) == 30
+    assert sorted(sink.received) == sorted([(row.batch_id, 1) for row in late] + [("batch_later", 1)])

@@ -5,6 +5,7 @@ in-progress events, the retained MQTT state and `/v1/batches`; absent where it c
 from __future__ import annotations
 
 import json
+from collections import deque
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poller.config import ServiceConfig
-from poller.domain.eta import MAX_ANCHORS, MIN_SPAN, WINDOW, advance, completion
+from poller.domain.eta import (
+    MAX_ANCHORS,
+    MIN_SPAN,
+    WINDOW,
+    ProgressWindow,
+    advance,
+    anchor_pairs,
+    completion,
+    pack_anchors,
+)
 from poller.domain.events import build_event, decode, encode
 from poller.domain.snapshot import Snapshot
 from poller.domain.transitions import Knowledge, Policy, detect
@@ -56,7 +66,7 @@ def counts(done: int, total: int = 1000, failed: int = 0) -> dict[str, int]:
     ],
 )
 def test_completion_follows_the_recent_pace(anchors, total, now, expected) -> None:
-    assert completion(anchors, total, now) == expected
+    assert completion(pack_anchors(anchors), total, now) == expected
 
 
 @pytest.mark.parametrize(
@@ -70,22 +80,30 @@ def test_completion_follows_the_recent_pace(anchors, total, now, expected) -> No
     ],
 )
 def test_no_completion_where_it_cannot_be_estimated(anchors, total, now) -> None:
-    assert completion(anchors, total, now) is None
+    assert completion(pack_anchors(anchors), total, now) is None
 
 
 def test_advance_keeps_moves_only_within_the_window_and_a_bounded_count() -> None:
-    anchors = advance((), NOW, 10)
+    anchors = advance(b"", NOW, 10)
     assert advance(anchors, NOW + 5, 10) == anchors  # unchanged counts add nothing (the row stays unwritten)
     anchors = advance(anchors, NOW + 10, 20)
-    assert anchors == ((NOW, 10), (NOW + 10, 20))
-    assert advance(anchors, NOW + 20, 5) == ((NOW + 20, 5),)  # counts went backwards: start over
-    later = advance(anchors, NOW + WINDOW + 100, 30)
+    assert anchor_pairs(anchors) == ((NOW, 10), (NOW + 10, 20))
+    assert anchor_pairs(advance(anchors, NOW + 20, 5)) == ((NOW + 20, 5),)  # counts went backwards: start over
+    later = anchor_pairs(advance(anchors, NOW + WINDOW + 100, 30))
     assert later[0][0] > NOW  # samples older than the window fall out
-    many: tuple[tuple[float, int], ...] = ()
+    many = b""
     for i in range(3 * MAX_ANCHORS):
         many = advance(many, NOW + i, i)
-    assert len(many) == MAX_ANCHORS
-    assert many[-1] == (NOW + 3 * MAX_ANCHORS - 1, 3 * MAX_ANCHORS - 1)
+    assert len(anchor_pairs(many)) == MAX_ANCHORS
+    assert anchor_pairs(many)[-1] == (NOW + 3 * MAX_ANCHORS - 1, 3 * MAX_ANCHORS - 1)
+
+
+def test_anchors_are_kept_to_the_millisecond_in_one_object() -> None:
+    anchors = advance(advance(b"", NOW + 0.0004, 10), NOW + 60.1236, 20)
+    assert anchor_pairs(anchors) == ((NOW, 10), (round(NOW + 60.1236, 3), 20))
+    assert isinstance(anchors, bytes)
+    assert anchor_pairs(pack_anchors(anchor_pairs(anchors))) == anchor_pairs(anchors)
+    assert anchor_pairs(b"") == ()
 
 
 @settings(max_examples=300, deadline=None, database=None)
@@ -97,16 +115,31 @@ def test_advance_keeps_moves_only_within_the_window_and_a_bounded_count() -> Non
 def test_anchors_stay_bounded_and_ordered_and_an_estimate_is_never_in_the_past(
     steps: list[tuple[float, int]], total: int, later: float
 ) -> None:
-    anchors: tuple[tuple[float, int], ...] = ()
+    anchors = b""
     at, finished = float(NOW), 0
     for gap, moved in steps:
         at, finished = at + gap, max(finished + moved, 0)
         anchors = advance(anchors, at, finished)
-        assert len(anchors) <= MAX_ANCHORS
-        assert [a for a, _ in anchors] == sorted(a for a, _ in anchors)
-        assert anchors[-1][1] == finished
+        pairs = anchor_pairs(anchors)
+        assert len(pairs) <= MAX_ANCHORS
+        assert [a for a, _ in pairs] == sorted(a for a, _ in pairs)
+        assert pairs[-1][1] == finished
     estimate = completion(anchors, total, at + later)
     assert estimate is None or estimate >= at + later
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(steps=st.lists(st.tuples(st.floats(0, 900), st.integers(-50, 200)), max_size=40))
+def test_packed_anchors_follow_the_rules_of_the_progress_window(steps: list[tuple[float, int]]) -> None:
+    anchors = b""
+    window = ProgressWindow(deque(maxlen=MAX_ANCHORS))
+    at, finished = float(NOW), 0
+    for gap, moved in steps:
+        at, finished = at + gap, max(finished + moved, 0)
+        anchors = advance(anchors, at, finished)
+        if not window.samples or window.samples[-1][1] != finished:  # kept only when counts move
+            window.add(round(at, 3), finished, 0)
+        assert anchor_pairs(anchors) == tuple(window.samples)
 
 
 # -- in detection's knowledge --------------------------------------------------------------------------
@@ -118,29 +151,33 @@ def in_progress(done: int, **fields: object) -> Snapshot:
 
 def test_knowledge_keeps_anchors_while_in_progress_and_estimates_from_them() -> None:
     known = detect(Knowledge(), make_snapshot("validating"), NOW, POLICY).knowledge
-    assert known.anchors == ()
+    assert known.anchors == b""
     assert known.eta(NOW) is None
     known = detect(known, in_progress(100), NOW + 60, POLICY).knowledge
     known = detect(known, in_progress(200), NOW + 120, POLICY).knowledge
-    assert known.anchors[-2:] == ((NOW + 60, 100), (NOW + 120, 200))
+    assert anchor_pairs(known.anchors)[-2:] == ((NOW + 60, 100), (NOW + 120, 200))
     assert known.eta(NOW + 120) == NOW + 120 + 480
     done = detect(known, make_snapshot("finalizing", request_counts=counts(1000)), NOW + 200, POLICY).knowledge
-    assert done.anchors == ()
+    assert done.anchors == b""
     assert done.eta(NOW + 200) is None
 
 
 def test_a_batch_first_seen_part_way_is_estimated_from_when_it_started() -> None:
     # started at T0 + 100 with nothing done; 500 of 1000 done 500 s later: 500 s to go
     known = detect(Knowledge(), in_progress(500), T0 + 600, POLICY).knowledge
-    assert known.anchors == ((T0 + 100, 0), (T0 + 600, 500))
+    assert anchor_pairs(known.anchors) == ((T0 + 100, 0), (T0 + 600, 500))
     assert known.eta(T0 + 600) == T0 + 1100
 
 
 def test_anchors_survive_the_store_codec_and_old_rows_read_without_them() -> None:
     known = detect(Knowledge(), in_progress(500), T0 + 600, POLICY).knowledge
     assert knowledge_from_json(knowledge_to_json(known)) == known
+    text = knowledge_to_json(known)
+    assert json.loads(text)[-1] == [[T0 + 100, 0], [T0 + 600, 500]]  # stored as [time, finished] pairs, as ever
     old = {"status": "in_progress", "seen": ["in_progress"], "sequence": 2, "counts": [500, 0, 1000]}
-    assert knowledge_from_json(json.dumps(old)).anchors == ()
+    assert knowledge_from_json(json.dumps(old)).anchors == b""
+    keyed = {**old, "anchors": [[T0 + 100, 0], [T0 + 600.5, 500]]}  # a row of the keyed layout, with anchors
+    assert anchor_pairs(knowledge_from_json(json.dumps(keyed)).anchors) == ((T0 + 100, 0), (T0 + 600.5, 500))
 
 
 # -- where it is shown ---------------------------------------------------------------------------------

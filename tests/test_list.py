@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from poller.cli.render import iso
+from poller.domain.eta import pack_anchors
 from poller.domain.snapshot import Counts
 from poller.domain.transitions import Knowledge
 from poller.store import open_store
@@ -36,7 +37,7 @@ async def seed(path: Path) -> tuple[Path, int]:
             seen=frozenset({"validating", "in_progress"}),
             sequence=2,
             counts=Counts(total=1000, completed=490, failed=10),
-            anchors=((now - 100, 0), (now - 10, 500)),  # 500 in 90 s: 500 more in 90 s
+            anchors=pack_anchors([(now - 100, 0), (now - 10, 500)]),  # 500 in 90 s: 500 more in 90 s
         )
         running.created_at = int(now - 120)
         done = rows["batch_done"]

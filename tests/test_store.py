@@ -18,6 +18,7 @@ from poller.errors import ConfigError
 from poller.store import open_store
 from poller.store.base import NewEvent, Write
 from poller.store.sqlite import SqliteStore
+from poller.store.sqlite._conn import padded
 from poller.store.sqlite.outbox import DUE_HEADS_SQL
 
 SRC = "openai"
@@ -193,3 +194,19 @@ async def test_a_queue_has_one_ready_row_after_redelivery_and_retry(store: Sqlit
     assert query(path, ready) == [("evt_a_1",)]
     await store.mark_delivered("mqtt", ["evt_a_1"], NOW + 3)
     assert query(path, ready) == [("evt_a_2",)]
+
+
+async def test_rows_are_finished_by_statements_of_a_few_lengths(store: SqliteStore, path: Path) -> None:
+    """`IN (...)` lists are padded with NULLs to a power of two: a few statement texts whatever the counts
+    (SQLite's statement cache is then not filled with one per count), and only the rows named change."""
+    assert [len(padded(["x"] * n)) for n in (1, 2, 3, 5, 8, 9, 500)] == [1, 2, 4, 8, 8, 16, 512]
+    assert padded(["a", "b", "c"]) == ["a", "b", "c", None]
+    for n in range(1, 8):
+        await enqueue(store, f"b{n}", *[event(f"b{n}", i) for i in range(1, n + 2)])
+    for n in range(1, 8):  # n rows of each batch, in one call: every count from 1 to 7
+        await store.mark_delivered("mqtt", [f"evt_b{n}_{i}" for i in range(1, n + 1)], NOW)
+    pending = "SELECT event_id FROM outbox WHERE state = 'pending' AND ready_at IS NOT NULL ORDER BY event_id"
+    assert query(path, pending) == [(f"evt_b{n}_{n + 1}",) for n in range(1, 8)]
+    assert await store.untracked(SRC, [f"b{n}" for n in range(1, 4)]) == set()
+    await store.untrack(SRC, ["b1", "b2", "b3"], NOW)
+    assert await store.untracked(SRC, ["b1", "b2", "b3", "b4", "b5"]) == {"b1", "b2", "b3"}

@@ -210,6 +210,23 @@ def test_update_is_a_copy_not_the_live_record() -> None:
     assert row.knowledge.status == "validating"
 
 
+def test_batches_created_in_the_same_second_share_their_stamps() -> None:
+    # One int object per stamp for a page's batches (a list page holds batches created seconds apart).
+    tracker = make_tracker(ids=("batch_a", "batch_b"))
+    created, expires = T0 + 300, T0 + 300 + 86_400
+    a, b = (
+        make_snapshot("validating", batch_id, created_at=int(str(created)), expires_at=int(str(expires)))
+        for batch_id in ("batch_a", "batch_b")
+    )
+    assert a.created_at is not b.created_at  # each parsed on its own
+    observe(tracker, a, NOW)
+    observe(tracker, b, NOW)
+    row_a, row_b = tracker.batches["batch_a"], tracker.batches["batch_b"]
+    assert (row_a.created_at, row_a.expires_at) == (created, expires)
+    assert row_a.created_at is row_b.created_at
+    assert row_a.expires_at is row_b.expires_at
+
+
 def test_untracked_batch_is_ignored() -> None:
     tracker = make_tracker()
     assert observe(tracker, make_snapshot("validating", batch_id="batch_unknown"), NOW) is None

@@ -36,11 +36,13 @@ IDLE_CHECK = 5.0
 CLAIM_EVERY = 0.25
 #: At most this many handed-over rows are held; beyond that, rows are read from the outbox.
 HANDED_LIMIT = 100_000
-#: How many event ids taken from the outbox are remembered against a late hand-over.
-TAKEN_MEMORY = 50_000
 #: An outbox read asks for this many due heads per send slot beyond the free ones: they wait in memory
 #: (`_ahead`), so a backlog refills each slot without a store round trip per event.
 READ_AHEAD = 4
+#: How many outbox reads' worth of taken event ids a worker remembers against a late hand-over. The
+#: recorder hands a write's new heads over as soon as the write returns, so an outbox read can only
+#: take such a row in between (a read or two at most, on a store of several connections).
+TAKEN_READS = 16
 #: Acknowledged rows are recorded together: once half the slots' worth waits, nothing else is in flight, or
 #: the oldest has waited this long (seconds). Fewer, larger transactions on the store's thread, whose
 #: share of the interpreter otherwise slows every socket call of the sends.
@@ -48,6 +50,13 @@ ACK_GATHER = 0.005
 #: A head read ahead and not sent within this long is read again (a shared store's claim on it lasts far
 #: longer, so another replica never takes it meanwhile).
 AHEAD_TTL = 5.0
+
+
+def taken_memory(max_in_flight: int) -> int:
+    """Event ids remembered against a late hand-over: `TAKEN_READS` outbox reads, each of at most the
+    free slots plus `READ_AHEAD` per slot (1,280 for the default 16 in flight: some 200 kB, where a
+    fixed 50,000 held 9 MB once a large first sight had gone out)."""
+    return TAKEN_READS * (1 + READ_AHEAD) * max_in_flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +96,7 @@ class DeliveryWorker:
         # Due heads read from the outbox beyond the free slots, oldest first, with when they were read.
         self._ahead: dict[tuple[str, str], tuple[OutboxRow, float]] = {}
         # Event ids recently taken from the outbox, so a late hand-over of the same row is not sent twice.
-        self._taken: deque[str] = deque(maxlen=TAKEN_MEMORY)
+        self._taken: deque[str] = deque(maxlen=taken_memory(sink.max_in_flight))
         self._taken_ids: set[str] = set()
         self._last_claim = -math.inf
         self.disabled = False

@@ -7,9 +7,10 @@ progress over a meaningful span: a wrong estimate would be worse than none.
 
 from __future__ import annotations
 
-import functools
 import math
+import struct
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 #: Samples older than this (seconds) fall out of the window: the rate follows the recent pace.
@@ -61,33 +62,55 @@ class ProgressWindow:
 #: At most this many (time, finished) anchors are kept in a batch's stored knowledge.
 MAX_ANCHORS = 8
 
-Anchors = tuple[tuple[float, int], ...]
+#: One anchor packed: its time (a double) and its finished requests (a signed 64-bit integer), 16 bytes.
+_ANCHOR = struct.Struct("=dq")
+
+#: A batch's anchors, oldest first, packed end to end in one bytes object: one small object per tracked
+#: batch, where a tuple of (float, int) tuples held a tuple, a float and an int per anchor besides (at
+#: 100,000 batches, some 10 MB more). `anchor_pairs` reads them, `pack_anchors` writes them.
+Anchors = bytes
+
+
+def pack_anchors(pairs: Iterable[tuple[float, int]]) -> Anchors:
+    """(time, finished) pairs, oldest first, as `Anchors`."""
+    return b"".join([_ANCHOR.pack(at, finished) for at, finished in pairs])
+
+
+def anchor_pairs(anchors: Anchors) -> tuple[tuple[float, int], ...]:
+    """The (time, finished) pairs of `anchors`, oldest first."""
+    return tuple(_ANCHOR.iter_unpack(anchors))
+
+
+def _last(anchors: Anchors) -> tuple[float, int]:
+    at, finished = _ANCHOR.unpack_from(anchors, len(anchors) - _ANCHOR.size)
+    return at, finished
 
 
 def _window(anchors: Anchors, total: int) -> ProgressWindow:
     window = ProgressWindow(deque(maxlen=MAX_ANCHORS))
-    window.samples.extend(anchors)
+    window.samples.extend(_ANCHOR.iter_unpack(anchors))
     window.total = total
     return window
 
 
 def advance(anchors: Anchors, now: float, finished: int) -> Anchors:
-    """The anchors after seeing `finished` requests done at `now`, by the window's rules (at most
-    `MAX_ANCHORS`, the recent `WINDOW`, a reset when counts go backwards). Kept only when counts move, so
-    the stored knowledge changes no more often than the batch body does.
+    """The anchors after seeing `finished` requests done at `now` (kept to the millisecond), by the
+    window's rules (`ProgressWindow.add`: at most `MAX_ANCHORS`, the recent `WINDOW`, a reset when counts
+    go backwards), on the packed bytes. Kept only when counts move, so the stored knowledge changes no
+    more often than the batch body does.
     """
-    if anchors and anchors[-1][1] == finished:
-        return anchors
-    window = _window(anchors, 0)
-    window.add(_at(now), finished, 0)
-    return tuple(window.samples)
-
-
-@functools.lru_cache(maxsize=1)
-def _at(now: float) -> float:
-    """`now` to the millisecond, one float object for every batch of one list page (they share `now`):
-    a float each is 24 bytes times the anchors of every tracked batch."""
-    return round(now, 3)
+    size = _ANCHOR.size
+    if anchors:
+        last = _last(anchors)[1]
+        if last == finished:
+            return anchors
+        if finished < last:
+            anchors = b""  # counts went backwards (a provider reset): start over
+    at = round(now, 3)
+    anchors = (anchors + _ANCHOR.pack(at, finished))[-MAX_ANCHORS * size :]
+    while len(anchors) > 2 * size and at - _ANCHOR.unpack_from(anchors)[0] > WINDOW:
+        anchors = anchors[size:]
+    return anchors
 
 
 def completion(anchors: Anchors, total: int, now: float) -> int | None:
@@ -99,7 +122,7 @@ def completion(anchors: Anchors, total: int, now: float) -> int | None:
     """
     if not anchors or total <= 0:
         return None
-    last_at, last_finished = anchors[-1]
+    last_at, last_finished = _last(anchors)
     if now - last_at > WINDOW:
         return None
     window = _window(anchors, total)

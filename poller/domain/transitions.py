@@ -18,7 +18,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field, replace
 
-from poller.domain.eta import Anchors, advance, completion
+from poller.domain.eta import Anchors, advance, completion, pack_anchors
 from poller.domain.lifecycle import EXPIRY_WATCHED, IMPLIED, INTERMEDIATE, RANK, is_final
 from poller.domain.snapshot import Counts, Snapshot
 
@@ -42,7 +42,7 @@ class Knowledge:
     stalled_at_counts: Counts | None = None
     expiring_sent: bool = False
     #: (time, finished requests) while in progress, when the counts moved: the pace the ETA comes from.
-    anchors: Anchors = ()
+    anchors: Anchors = b""
 
     def eta(self, now: float) -> int | None:
         """When (Unix seconds) the batch should have finished its requests; None when unknown or not in progress."""
@@ -211,12 +211,12 @@ def _anchors(known: Knowledge, snap: Snapshot, now: float) -> Anchors:
     """The pace samples after `snap`: kept while in progress, dropped in any other status."""
     counts = snap.counts
     if snap.status != "in_progress" or counts is None or counts.total <= 0:
-        return ()
-    anchors = known.anchors if known.status == "in_progress" else ()
+        return b""
+    anchors = known.anchors if known.status == "in_progress" else b""
     started = snap.entered_at("in_progress")
     if not anchors and counts.finished > 0 and started is not None and started < now:
         # First seen part-way: the provider's stamp of when it started, at no requests done, is a sample too.
-        anchors = ((float(started), 0),)
+        anchors = pack_anchors([(started, 0)])
     return advance(anchors, now, counts.finished)
 
 

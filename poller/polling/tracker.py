@@ -8,6 +8,7 @@ changes detected) goes to the recorder.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -168,7 +169,7 @@ class Tracker:
         was_erroring = tracked.error_streak > 0 or tracked.not_found > 0
         if not changed and not was_erroring and quiet(tracked.knowledge, snap, now, self.policy):
             # The fast path: the same body as last time, and no time-based signal due.
-            tracked.observed, tracked.expires_at = True, snap.expires_at
+            tracked.observed, tracked.expires_at = True, _shared(snap.expires_at)
             status = tracked.knowledge.status or "validating"
             tracked.interval = self.intervals.next(status, tracked.interval, changed=False)
             tracked.next_due = self._next_due(tracked, snap, now, listed)
@@ -183,8 +184,8 @@ class Tracker:
             return Observation(snap, None, warning=detection.warning)
         tracked.knowledge = detection.knowledge
         tracked.fingerprint = new_print
-        tracked.observed, tracked.expires_at = True, snap.expires_at  # what `unchanged` compares against
-        tracked.created_at = snap.created_at
+        tracked.observed, tracked.expires_at = True, _shared(snap.expires_at)  # what `unchanged` compares against
+        tracked.created_at = _shared(snap.created_at)
         tracked.next_due = self._next_due(tracked, snap, now, listed)
         if changed or detection.changes:
             tracked.updated_at = now
@@ -349,3 +350,11 @@ class Tracker:
             self.page_marks = marks
         if tracked_seen:
             self.density = max(1.0, items / tracked_seen)
+
+
+@functools.lru_cache(maxsize=256)
+def _shared(stamp: int | None) -> int | None:
+    """One int object for equal stamps among the recent ones (`created_at`, `expires_at`): the batches of a
+    list page were mostly created within seconds of each other, and an int of its own for each of the two
+    was 64 bytes times every tracked batch."""
+    return stamp

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from poller.domain.eta import anchor_pairs, pack_anchors
 from poller.domain.snapshot import Counts
 from poller.domain.transitions import Knowledge
 from poller.store.base import TrackedBatch
@@ -58,7 +59,7 @@ def knowledge_to_json(k: Knowledge) -> str:
             k.progress_at,
             _counts_out(k.stalled_at_counts),
             k.expiring_sent,
-            [[at, finished] for at, finished in k.anchors],
+            [[at, finished] for at, finished in anchor_pairs(k.anchors)],
         ],
     ).decode()
 
@@ -91,6 +92,7 @@ class Decoder:
     def __init__(self) -> None:
         self._counts: dict[tuple[int, ...], Counts] = {}
         self._seen: dict[tuple[str, ...], frozenset[str]] = {}
+        self._added_at: float | None = None
 
     def counts(self, value: Any) -> Counts | None:
         if value is None:
@@ -133,7 +135,7 @@ class Decoder:
             progress_at,
             as_counts(stalled),
             expiring,
-            tuple((float(at), int(finished)) for at, finished in anchors) if anchors else (),
+            pack_anchors([(float(at), int(finished)) for at, finished in anchors]) if anchors else b"",
         )
 
     def _keyed(self, raw: dict[str, Any]) -> Knowledge:
@@ -151,20 +153,25 @@ class Decoder:
             progress_at=get("progress_at"),
             stalled_at_counts=counts(get("stalled_at_counts")),
             expiring_sent=bool(get("expiring_sent", False)),
-            anchors=tuple((float(at), int(finished)) for at, finished in anchors) if anchors else (),
+            anchors=pack_anchors([(float(at), int(finished)) for at, finished in anchors]) if anchors else b"",
         )
 
     def batch(self, row: Sequence[Any], *, with_raw: bool = False) -> TrackedBatch:
         """A `TrackedBatch` from a row of `BATCH_COLUMNS` (followed by the body when `with_raw`)."""
         intern = sys.intern
         body = row[14] if with_raw else None
+        added_at = row[3]
+        if added_at == self._added_at:  # tracked together (one `track`, one discovered page): one float for all
+            added_at = self._added_at
+        else:
+            self._added_at = added_at
         # Positional (a third of the cost of keywords, for every row of a large set): the columns are
         # the fields in order, which tests/test_store.py checks.
         return TrackedBatch(
             intern(row[0]),
             row[1],
             intern(row[2]),
-            row[3],
+            added_at,
             intern(row[4]),
             self.knowledge(row[5]),
             row[6],

@@ -10,7 +10,7 @@ from poller.domain.lifecycle import RANK
 from poller.domain.transitions import Knowledge
 from poller.store.base import ACTIVE, GONE, TrackedBatch
 from poller.store.codec import Decoder, batch_columns, knowledge_to_json, no_collection
-from poller.store.sqlite._conn import Connection, chunks, marks
+from poller.store.sqlite._conn import Connection, chunks, marks, padded
 
 
 class BatchRows:
@@ -68,7 +68,7 @@ class BatchRows:
 
     def untracked(self, source: str, ids: Iterable[str]) -> set[str]:
         found: set[str] = set()
-        for chunk in chunks(list(ids)):
+        for chunk in map(padded, chunks(list(ids))):
             rows = self.conn.db.execute(
                 "SELECT id FROM untracked WHERE source = ? AND id IN (" + marks(len(chunk)) + ")", [source, *chunk]
             )

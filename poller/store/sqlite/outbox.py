@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from poller.store.base import Delivery, OutboxRow
-from poller.store.sqlite._conn import Connection, chunks, marks
+from poller.store.sqlite._conn import Connection, chunks, marks, padded
 
 #: The heads of a sink's queues that are due, oldest first: an index range scan, no sort (see outbox_heads).
 DUE_HEADS_SQL = (
@@ -80,7 +80,7 @@ class OutboxRows:
         sequence of each of their batches its head.
         """
         with self.conn.tx() as db:
-            for chunk in chunks(list(event_ids)):
+            for chunk in map(padded, chunks(list(event_ids))):
                 ids = marks(len(chunk))
                 db.execute(
                     "UPDATE outbox SET state = ?, attempts = attempts + 1, updated_at = ?, last_error = ?,"
