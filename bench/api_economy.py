@@ -157,10 +157,10 @@ async def _steady(n: int, latency: float, rate: float) -> SteadyOutcome:
                 walks.append(time.perf_counter())
                 learn(marks, items, tracked_seen)
 
-            def observed(snap: Any, body: str, now: float, *, listed: bool = False) -> Any:
+            def observed(snap: Any, *args: Any, **kwargs: Any) -> Any:  # whatever `observe` takes
                 if snap.id == oldest:
                     seen_oldest.append(time.perf_counter())
-                return observe(snap, body, now, listed=listed)
+                return observe(snap, *args, **kwargs)
 
             def vouched(batch_id: str, now: float) -> None:  # a list item equal to the body last seen
                 if batch_id == oldest:
