@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import sqlite3
 import time
@@ -57,6 +58,23 @@ async def test_twenty_batches_every_transition_once_in_order(tmp_path):
             await until(lambda: settled(daemon), timeout=40)
         check_event_log(read_jsonl(events_file), sim, ids)
         assert sim.get(ids[0])["status"] == "cancelled"
+
+
+async def test_the_run_commands_daemon_freezes_its_heap_once_started_and_an_embedded_one_does_not(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        raw = config_dict(url, tmp_path / "state.db", [])
+        raw["source"]["track"] = sim.create_batches(3)
+        gc.unfreeze()
+        try:
+            async with running(make_config(raw)):
+                assert gc.get_freeze_count() == 0
+            async with running(make_config(raw), settle_heap=True) as daemon:
+                # Frozen right after READY: the tracked batches are among the objects no collection walks.
+                await eventually(lambda: gc.get_freeze_count() > 0)
+                assert daemon.runner(None).tracker.batches
+        finally:
+            gc.unfreeze()  # the rest of the test session collects as before
 
 
 async def test_bulk_refresh_uses_list_pages_instead_of_one_retrieve_each(tmp_path):

@@ -25,7 +25,7 @@ def run(config: Config, path: Path | None) -> int:
 
     config.check_secrets()
     configure(config.log.level, config.log.format)
-    daemon = Daemon(config, config_path=path)
+    daemon = Daemon(config, config_path=path, settle_heap=True)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

@@ -28,6 +28,7 @@ from poller.errors import ConfigError
 from poller.metrics import Metrics
 from poller.polling.recorder import Recorder
 from poller.polling.runner import SourceRunner
+from poller.runtime import heap
 from poller.runtime.leasing import LeaseKeeper
 from poller.runtime.notify import Notifier, watchdog_loop
 from poller.runtime.reload import Reloader
@@ -62,8 +63,12 @@ class Daemon:
         rand: Callable[[], float] = random.random,
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
+        settle_heap: bool = False,
     ) -> None:
         self.config = config
+        #: Freeze the heap once started (`poller.runtime.heap`): the `run` command's process does; an
+        #: embedding process (the tests) keeps its collector as it is.
+        self.settle_heap = settle_heap
         self.config_path = config_path
         self.environ = dict(os.environ) if environ is None else environ
         self.clock = clock
@@ -290,6 +295,8 @@ class Daemon:
                 state=self.store.description,
                 listen=self.config.service.listen if self.config.service.enabled else None,
             )
+            if self.settle_heap:
+                log.debug("heap settled", frozen=heap.settle())
         await stop
         loaded.cancel()
         self.notifier.stopping()
