@@ -223,9 +223,12 @@ def find_mosquitto() -> str:
 
 
 class Mosquitto:
-    """A private anonymous broker on a free loopback port (the tests' approach, without pytest)."""
+    """A private anonymous broker on a free loopback port (the tests' approach, without pytest).
 
-    def __init__(self, directory: Path) -> None:
+    `nodelay`: the broker sets TCP_NODELAY on its client sockets (mosquitto's `set_tcp_nodelay`, off by
+    default), so its acknowledgements are not held back by Nagle's algorithm."""
+
+    def __init__(self, directory: Path, *, nodelay: bool = False) -> None:
         self.directory = directory
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -236,6 +239,7 @@ class Mosquitto:
                 [
                     f"listener {self.port} 127.0.0.1",
                     "persistence false",
+                    f"set_tcp_nodelay {'true' if nodelay else 'false'}",
                     f"user {getpass.getuser()}",
                     "allow_anonymous true",
                     "log_dest stderr",
