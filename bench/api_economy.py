@@ -117,6 +117,8 @@ class SteadyOutcome:
     walks: int
     requests: int
     oldest_periods: list[float]
+    #: Each measured walk's own work (seconds, less what it waited on its page spacing).
+    works: list[float]
     first_sight: float
 
     @property
@@ -150,12 +152,14 @@ async def _steady(n: int, latency: float, rate: float) -> SteadyOutcome:
             # The oldest batch is on the walk's last page.
             oldest = min(tracker.active(), key=lambda b: (b.created_at or 0, b.id)).id
             walks: list[float] = []
+            works: list[float] = []  # each walk's own work, less the time it waited on its spacing
             seen_oldest: list[float] = []
             learn, observe, unchanged = tracker.learn_walk, tracker.observe, tracker.seen_unchanged
 
-            def learned(marks: list[int], items: int, tracked_seen: int) -> None:
+            def learned(marks: list[int], items: int, tracked_seen: int, work: float) -> None:
                 walks.append(time.perf_counter())
-                learn(marks, items, tracked_seen)
+                works.append(work)
+                learn(marks, items, tracked_seen, work)
 
             def observed(snap: Any, *args: Any, **kwargs: Any) -> Any:  # whatever `observe` takes
                 if snap.id == oldest:
@@ -178,7 +182,7 @@ async def _steady(n: int, latency: float, rate: float) -> SteadyOutcome:
             period = tracker.period
     times = seen_oldest[max(oldest_mark - 1, 0) :]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    return SteadyOutcome(n, math.ceil(n / PAGE), period, WALKS, requests, gaps, first_sight)
+    return SteadyOutcome(n, math.ceil(n / PAGE), period, WALKS, requests, gaps, works[mark:], first_sight)
 
 
 def _config(url: str, state: Path) -> dict[str, Any]:
@@ -264,6 +268,8 @@ async def _run(small: bool) -> Section:
             f"Steady state, N = {n:,}: latency {latency:g} s at {rate:g} requests/s gives a walk period of "
             f"{fmt(steady.period)} s; {steady.requests:,} requests over {steady.walks} walks (after two to "
             f"settle); the oldest batch's periods {', '.join(fmt(g) for g in steady.oldest_periods)} s; "
+            f"each walk's own work (less what it waited on its page spacing) "
+            f"{', '.join(fmt(w) for w in steady.works)} s; "
             f"first sight {steady.first_sight:.1f} s; measured in {time.perf_counter() - started:.0f} s."
         )
     return section

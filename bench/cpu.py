@@ -223,8 +223,8 @@ async def _own_schedule(driver: Any, walks: int) -> tuple[float, int, int, float
     ends: list[tuple[float, int, int]] = []  # (process CPU at the end of a walk, tracked seen, observed)
     observed = 0
 
-    def learned(marks: list[int], items: int, tracked_seen: int) -> None:
-        learn(marks, items, tracked_seen)
+    def learned(marks: list[int], items: int, tracked_seen: int, work: float) -> None:
+        learn(marks, items, tracked_seen, work)
         ends.append((time.process_time(), tracked_seen, observed))
 
     def counted(*args: Any, **kwargs: Any) -> Any:

@@ -6,9 +6,13 @@ Counted through the simulator's request counters and the tracker's record of eac
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from poller.polling.tracker import Tracker
 from poller.sim import OpenAISim, serve
@@ -38,9 +42,9 @@ def record_walks(tracker: Tracker) -> list[int]:
     walks: list[int] = []
     learn = tracker.learn_walk
 
-    def learned(marks: list[int], items: int, tracked_seen: int) -> None:
+    def learned(marks: list[int], items: int, tracked_seen: int, work: float) -> None:
         walks.append(len(marks))
-        learn(marks, items, tracked_seen)
+        learn(marks, items, tracked_seen, work)
 
     tracker.learn_walk = learned  # type: ignore[method-assign]
     return walks
@@ -72,3 +76,43 @@ async def test_a_status_change_is_detected_by_the_next_walk(tmp_path):
     # Seen by the walk under way at the cancel or the next one: at most two walks' worth of requests.
     assert walks_taken <= 2, walks_taken
     assert spent <= 2 * PAGES, spent
+
+
+async def test_a_walk_spaces_its_pages_by_the_slowest_recent_walk_and_counts_only_its_own_work(tmp_path):
+    sim = fast_sim(speed=0.001)
+    async with serve(sim) as url:
+        raw = config_dict(url, tmp_path / "state.db", [], latency="0.2s", max_interval="1h")
+        raw["source"]["track"] = sim.create_batches(BATCHES)
+        async with running(make_config(raw)) as daemon:
+            runner = daemon.runner(None)
+            tracker, provider = runner.tracker, runner.ctx.provider
+            assert provider is not None
+            await eventually(lambda: all(b.created_at for b in tracker.active()), timeout=30)
+            requested: list[float] = []
+            finished: list[tuple[float, float]] = []  # (when, the walk's own work per page)
+            list_page, learn = provider.list_page, tracker.learn_walk
+
+            async def timed(cursor: str | None) -> Any:
+                requested.append(time.monotonic())
+                return await list_page(cursor)
+
+            def learned(marks: list[int], items: int, tracked_seen: int, work: float) -> None:
+                finished.append((time.monotonic(), work))
+                learn(marks, items, tracked_seen, work)
+
+            provider.list_page = timed  # type: ignore[method-assign]
+            tracker.learn_walk = learned  # type: ignore[method-assign]
+            await eventually(lambda: len(finished) >= 1)  # past the walk under way
+            tracker.page_work.append(60.0)  # as if a walk had just taken a minute per page
+            begun = len(requested)
+            await eventually(lambda: len(finished) >= 2)
+            spacing = tracker.page_spacing()
+            walk = requested[begun : begun + PAGES]
+            ended, work = finished[1]
+    # Spread over 80 % of the period: capped, whatever the recent work.
+    assert spacing == pytest.approx(0.8 * tracker.period / tracker.walk_pages)
+    # Page k is requested no sooner than k spacings after the first (a sleep never ends early by more
+    # than the clock's resolution; a late page makes no later one early) ...
+    assert all(at - walk[0] >= 0.9 * k * spacing for k, at in enumerate(walk)), walk
+    # ... and the time spent only waiting on that spacing is not counted as the walk's own work.
+    assert work * PAGES < ended - walk[0]

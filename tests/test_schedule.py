@@ -13,6 +13,7 @@ from poller.domain.schedule import (
     Pacer,
     error_delay,
     full_jitter,
+    page_spacing,
     parse_retry_after,
     retrieve_delay,
     walk_period,
@@ -292,6 +293,21 @@ def test_pacer_a_burst_of_429s_without_retry_after_halves_once() -> None:
 )
 def test_walk_period(latency: float, pages: int, rate: float, cap: float, expected: float) -> None:
     assert walk_period(latency, pages, rate, cap=cap) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("period", "pages", "page_work", "expected"),
+    [
+        pytest.param(30.0, 1000, [], 0.0, id="no-walk-known-yet"),
+        pytest.param(30.0, 3, [0.002, 0.001], 0.0025, id="quick-walks-stay-quick"),
+        pytest.param(30.0, 1000, [0.014, 0.018, 0.015], 0.0225, id="the-slowest-recent-walk-sets-the-pace"),
+        pytest.param(30.0, 1000, [0.023], 0.024, id="never-over-more-than-80-percent-of-the-period"),
+        pytest.param(30.0, 1000, [0.057], 0.024, id="a-first-sight-slower-than-a-period"),
+        pytest.param(30.0, 2, [0.5], 0.625, id="a-short-walk-keeps-its-own-pace"),
+    ],
+)
+def test_page_spacing(period: float, pages: int, page_work: list[float], expected: float) -> None:
+    assert page_spacing(period, pages, page_work) == pytest.approx(expected)
 
 
 def test_walk_period_requests_per_hour_at_the_default_target() -> None:

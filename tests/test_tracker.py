@@ -441,7 +441,7 @@ def test_never_seen_batches_are_walked_only_when_a_fruitless_walk_stays_cheap() 
 )
 def test_pages_needed_uses_the_last_walk(oldest: int, pages: int) -> None:
     tracker = tracker_with_created([T0 + i for i in range(1000)])
-    tracker.learn_walk([T0 + 900, T0 + 800, T0 + 700], items=300, tracked_seen=300)
+    tracker.learn_walk([T0 + 900, T0 + 800, T0 + 700], items=300, tracked_seen=300, page_work=0.01)
     assert tracker.pages_needed(oldest) == pages
 
 
@@ -472,6 +472,21 @@ def test_every_batch_seen_in_a_walk_is_dated_from_the_walk_start() -> None:
         snap = make_snapshot("in_progress", f"b{i}", created_at=T0 + i)
         observe_listed(tracker, snap, NOW + 0.01 * (250 - i))
     assert {b.next_due for b in tracker.active()} == {NOW + tracker.period}
+
+
+def test_a_walk_spaces_its_pages_by_the_slowest_of_the_last_few_walks() -> None:
+    tracker = listable_tracker(100_000, latency=7.5, rate=100.0)
+    tracker.begin_walk(NOW)
+    assert (tracker.period, tracker.walk_pages) == (pytest.approx(30.0), 1000)
+    assert tracker.page_spacing() == 0.0  # no walk known: as fast as the API allows
+    marks = [T0 + 100_000 - 100 * (k + 1) for k in range(1000)]
+    for work in (0.016, 0.012, 0.013, 0.011):
+        tracker.learn_walk(marks, 100_000, 100_000, work)
+    assert tracker.page_spacing() == pytest.approx(1.25 * 0.016)  # 1,000 pages over 20 s
+    tracker.learn_walk(marks, 100_000, 100_000, 0.011)  # the 16 ms walk is out of the window now
+    assert tracker.page_spacing() == pytest.approx(1.25 * 0.013)
+    tracker.clear()
+    assert tracker.page_spacing() == pytest.approx(0.0)
 
 
 def observe_listed(tracker: Tracker, snap: Snapshot, now: float) -> Observation | None:

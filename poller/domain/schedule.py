@@ -6,7 +6,7 @@ Nothing here reads a clock or a random source of its own: callers pass `now` and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
@@ -46,6 +46,26 @@ def walk_period(latency: float, pages: int, rate: float, *, cap: float) -> float
     pages = max(pages, 1)
     wanted = min(latency * (1.0 + math.log10(pages)), cap)
     return max(wanted, pages / (rate * WALK_SHARE))
+
+
+#: The most of a walk period a paced walk spreads its pages over (the rest is slack for a slow walk).
+WALK_SPREAD = 0.8
+#: A paced walk's pages are this much further apart than the slowest recent page's own work.
+WALK_STRETCH = 1.25
+
+
+def page_spacing(period: float, pages: int, page_work: Iterable[float]) -> float:
+    """Seconds from one list page request of a walk to the next: a little more than the slowest of the
+    recent walks' `page_work` (seconds per page, waiting only on the API), so that the `pages` of a walk
+    never spread over more than WALK_SPREAD of the `period`. 0 before any walk is known.
+
+    A page's period is the walk period plus the change in when the walk reads it. Unpaced, a walk that
+    records many events (or meets a slow API) reads its last pages seconds later than a light one did,
+    so those batches wait that much longer; paced alike, every walk reads page k at about the same point
+    and each batch's period stays near the walk period.
+    """
+    slowest = max(page_work, default=0.0)
+    return min(WALK_SPREAD * period / max(pages, 1), WALK_STRETCH * slowest)
 
 
 def retrieve_delay(

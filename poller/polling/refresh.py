@@ -118,32 +118,25 @@ class Refresher:
         items = tracked_seen = pages = 0
         ceiling = len(targets)  # never more pages than one retrieve per target would cost
         newest_first = ctx.api.capabilities.newest_first  # else no page says the rest is older
+        # Page k is requested no sooner than k spacings after the first (`Tracker.page_spacing`): a walk
+        # lasts about as long as the heaviest recent one, so each page's period stays the walk period.
+        spacing = ctx.tracker.page_spacing()
+        started = time.monotonic()
+        idle = 0.0  # seconds the walk only waited on its own spacing
         # The next page is requested before this one is applied: its answer travels while detection
         # and the state write run (each batch is on one page only, so the order changes nothing).
-        ahead: asyncio.Task[Page] | None = None
+        ahead: asyncio.Task[tuple[Page, float]] | None = None
         try:
             while True:
                 pending, ahead = ahead, None
+                waiting = time.monotonic()
                 try:
-                    page = await (pending if pending is not None else ctx.api.list_page(cursor))
+                    page, held = await (pending if pending is not None else self._page_at(cursor, started))
                 except ApiError as exc:
-                    if cursor is None and exc.status in {404, 405} and exc.from_api:
-                        # Some compatible APIs and proxies have no list endpoint: retrieve one by one from now on.
-                        ctx.health.list_unavailable = True
-                        log.warning(
-                            "the API has no batch list endpoint; refreshing with one retrieve per batch",
-                            source=ctx.name,
-                        )
-                        return targets
-                    if exc.status == 404 or isinstance(exc, BadResponseError):
-                        # Not JSON, or a 404 that is not the API's own: a wrong base_url. A page that is JSON
-                        # but no list (too deep, bad items) is a bad answer: counted, and retrieves go on.
-                        outcomes.foreign = outcomes.foreign or _foreign(exc)
-                        if isinstance(exc, BadResponseError):
-                            ctx.health.warn_once("list", "a list page is not one we can trust", problem=str(exc))
-                        return targets  # the retrieves tell whether the API works at all
-                    await self.failed(exc, sorted(targets), outcomes)
-                    return set()
+                    return await self._list_failed(exc, first=cursor is None, targets=targets, outcomes=outcomes)
+                # Unpaced, the request would have left `held` seconds sooner: that much of the wait for
+                # it, at most, was the spacing's and not the walk's own work.
+                idle += min(time.monotonic() - waiting, held)
                 outcomes.ok += 1
                 ctx.health.ok(ctx.clock())
                 pages += 1
@@ -161,7 +154,7 @@ class Refresher:
                 last = page.next is None or passed or not targets or not budget_left
                 if not last:
                     cursor = page.next
-                    ahead = asyncio.create_task(ctx.api.list_page(cursor))
+                    ahead = asyncio.create_task(self._page_at(cursor, started + pages * spacing))
                 await self.apply_page(page)
                 if last:
                     break
@@ -170,8 +163,33 @@ class Refresher:
                 ahead.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):  # its own failure is moot now
                     await ahead
-        ctx.tracker.learn_walk(marks, items, tracked_seen)
+        ctx.tracker.learn_walk(marks, items, tracked_seen, (time.monotonic() - started - idle) / max(pages, 1))
         return targets
+
+    async def _list_failed(self, exc: ApiError, *, first: bool, targets: set[str], outcomes: _Outcomes) -> set[str]:
+        """What a failed list page means for the walk; returns the targets left to retrieve."""
+        ctx = self.ctx
+        if first and exc.status in {404, 405} and exc.from_api:
+            # Some compatible APIs and proxies have no list endpoint: retrieve one by one from now on.
+            ctx.health.list_unavailable = True
+            log.warning("the API has no batch list endpoint; refreshing with one retrieve per batch", source=ctx.name)
+            return targets
+        if exc.status == 404 or isinstance(exc, BadResponseError):
+            # Not JSON, or a 404 that is not the API's own: a wrong base_url. A page that is JSON but no
+            # list (too deep, bad items) is a bad answer: counted, and retrieves go on.
+            outcomes.foreign = outcomes.foreign or _foreign(exc)
+            if isinstance(exc, BadResponseError):
+                ctx.health.warn_once("list", "a list page is not one we can trust", problem=str(exc))
+            return targets  # the retrieves tell whether the API works at all
+        await self.failed(exc, sorted(targets), outcomes)
+        return set()
+
+    async def _page_at(self, cursor: str | None, at: float) -> tuple[Page, float]:
+        """The list page after `cursor`, requested no sooner than `at` (monotonic); and how long it was held."""
+        held = max(at - time.monotonic(), 0.0)
+        if held:
+            await asyncio.sleep(held)
+        return await self.ctx.api.list_page(cursor), held
 
     # -- applying what came back -------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
@@ -17,7 +18,7 @@ from typing import Any
 
 from poller.domain.eta import ProgressWindow
 from poller.domain.lifecycle import is_final
-from poller.domain.schedule import Intervals, Rand, error_delay, retrieve_delay, walk_period
+from poller.domain.schedule import Intervals, Rand, error_delay, page_spacing, retrieve_delay, walk_period
 from poller.domain.snapshot import Snapshot
 from poller.domain.transitions import Change, Policy, detect, quiet, quiet_as_known
 from poller.errors import ApiError
@@ -95,6 +96,10 @@ class Tracker:
         self.page_marks: list[int] = []
         #: How many list items there were per tracked batch on the last walk (untracked batches dilute pages).
         self.density = 1.0
+        #: The list pages holding the active batches, as `walk_period` last estimated them.
+        self.walk_pages = 1
+        #: Seconds per page each recent walk took by itself (`learn_walk`): how far apart the next one's are.
+        self.page_work: deque[float] = deque(maxlen=WORK_WINDOW)
         #: Bodies `unchanged` found changed, by batch id: (the item, its text, its fingerprint), which
         #: `body` hands on to `observe` so the item is encoded and hashed once (at most a few pages of them).
         self._bodies: dict[str, tuple[Mapping[str, Any], str, int]] = {}
@@ -117,6 +122,7 @@ class Tracker:
         self.batches = {}
         self.progress.clear()
         self._bodies.clear()
+        self.page_work.clear()
         self.next_walk = -math.inf
 
     def add(self, row: TrackedBatch) -> None:
@@ -324,8 +330,8 @@ class Tracker:
         placed = [b.created_at for b in self.batches.values() if b.state == ACTIVE and b.created_at is not None]
         unplaced = sum(1 for b in self.batches.values() if b.state == ACTIVE and b.created_at is None)
         pages = self.pages_needed(min(placed)) if placed else 0
-        pages = max(pages, math.ceil(unplaced * self.density / self.page_size), 1)
-        return walk_period(self.latency, pages, self.rate, cap=self.intervals.max_interval)
+        self.walk_pages = max(pages, math.ceil(unplaced * self.density / self.page_size), 1)
+        return walk_period(self.latency, self.walk_pages, self.rate, cap=self.intervals.max_interval)
 
     def begin_walk(self, start: float) -> None:
         """A walk of the active pages starts: every batch it shows is next due one period from `start`."""
@@ -344,12 +350,23 @@ class Tracker:
         pulled.sort(key=lambda b: b.next_due)
         return pulled
 
-    def learn_walk(self, marks: list[int], items: int, tracked_seen: int) -> None:
-        """Remember the shape of the last walk, so the next plan estimates pages better."""
+    def learn_walk(self, marks: list[int], items: int, tracked_seen: int, page_work: float) -> None:
+        """Remember the shape of the last walk, so the next plan estimates pages better; `page_work` is
+        the seconds per page it took, less any time it only waited on its own pacing (`page_spacing`)."""
         if marks:
             self.page_marks = marks
         if tracked_seen:
             self.density = max(1.0, items / tracked_seen)
+        self.page_work.append(page_work)
+
+    def page_spacing(self) -> float:
+        """Seconds from one page request of a walk to the next (`schedule.page_spacing`), so that every
+        walk reads each page about one period after the walk before did. 0 until a walk is known."""
+        return page_spacing(self.period, self.walk_pages, self.page_work)
+
+
+#: Walks whose page work `page_spacing` looks back on: one heavy walk in the last few sets the pace.
+WORK_WINDOW = 4
 
 
 @functools.lru_cache(maxsize=256)
